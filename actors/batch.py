@@ -1,0 +1,56 @@
+"""Per-step batch data sent from the engine to an attention actor, and what comes back. Small payloads only:
+token ids, positions and block tables; never tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the actor needs to pick a sequence's next token."""
+
+    temperature: float = 0.0  # <= 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # <= 0: off
+    seed: int = 0  # with the number of tokens generated so far, seeds this row's generator
+    logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token's logprob plus n alternatives
+
+
+@dataclass
+class SeqStep:
+    """One sequence's share of a step: tokens at positions [start_pos, start_pos + len(token_ids)).
+
+    Block tables: `full_blocks` covers positions [0, end) of the full-attention (NoPE) pool;
+    `chunk_read_blocks` covers [chunk_start(start_pos), start_pos) of the chunked-layer pool (read this step);
+    `chunk_write_blocks` covers [chunk_start(end), end) (written this step; the same list when the step stays in
+    one chunk). chunk_start(p) = floor(p / attention_chunk_size) * attention_chunk_size.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    full_blocks: list[int]
+    chunk_read_blocks: list[int]
+    chunk_write_blocks: list[int]
+    sampling: SamplingSpec | None = None  # None: a prompt chunk that ends before the prompt does
+    num_generated: int = 0
+    logprob_targets: list[int] = field(default_factory=list)  # tokens after positions start_pos.. (prompt logprobs)
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclass
+class StepBatch:
+    seqs: list[SeqStep]
+
+
+@dataclass
+class SeqOutput:
+    seq_id: int
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_targets entry

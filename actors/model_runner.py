@@ -1,0 +1,152 @@
+"""Turns a StepBatch into tensors, runs the model once, and samples: one step of one attention actor."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.rope import rope_freqs_cis, rope_inv_freq, temperature_scales
+from ..kernels.sampling import sample_tokens, token_logprobs
+from .batch import SeqOutput, SeqStep, StepBatch
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import Llama4TextModel, PoolView, StepMeta
+
+_SEED_STRIDE = 1_000_003
+
+
+def _slots(blocks: list[int], positions: range, base: int, block_size: int) -> list[int]:
+    return [blocks[(p - base) // block_size] * block_size + (p - base) % block_size for p in positions]
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache):
+        self.cfg = cfg
+        self.model = model
+        self.kv = kv
+        r = cfg.rope
+        self.inv_freq = rope_inv_freq(
+            cfg.head_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor, r.high_freq_factor,
+            r.original_max_position_embeddings,
+        )
+
+    def chunk_start(self, pos: int) -> int:
+        c = self.cfg.attention_chunk_size
+        return pos if c is None else pos // c * c
+
+    def _pool_view(self, seqs: list[SeqStep], pool: str, num_tokens: int) -> PoolView:
+        bs = self.kv.block_size
+        ctx_slots, ctx_pos, write_rows, write_slots = [], [], [], []
+        row = 0
+        for s in seqs:
+            if pool == "full":
+                ctx = range(0, s.start_pos)
+                slots = _slots(s.full_blocks, ctx, 0, bs)
+                write_from = s.start_pos
+                write = _slots(s.full_blocks, range(s.start_pos, s.end_pos), 0, bs)
+            else:
+                base = self.chunk_start(s.start_pos)
+                ctx = range(base, s.start_pos)
+                slots = _slots(s.chunk_read_blocks, ctx, base, bs)
+                # Only the last chunk's tokens outlive this step (positions [chunk_start(end), end)).
+                write_from = max(s.start_pos, self.chunk_start(s.end_pos))
+                write = _slots(s.chunk_write_blocks, range(write_from, s.end_pos), self.chunk_start(s.end_pos), bs)
+            ctx_slots.append(slots)
+            ctx_pos.append(list(ctx))
+            write_rows.extend(range(row + write_from - s.start_pos, row + len(s.token_ids)))
+            write_slots.extend(write)
+            row += len(s.token_ids)
+        width = max((len(x) for x in ctx_slots), default=0)
+        return PoolView(
+            ctx_slots=torch.tensor([x + [0] * (width - len(x)) for x in ctx_slots], dtype=torch.long),
+            ctx_pos=torch.tensor([x + [-1] * (width - len(x)) for x in ctx_pos], dtype=torch.long),
+            write_rows=torch.tensor(write_rows, dtype=torch.long),
+            write_slots=torch.tensor(write_slots, dtype=torch.long),
+        )
+
+    def build_meta(self, batch: StepBatch) -> tuple[torch.Tensor, StepMeta]:
+        seqs = batch.seqs
+        token_ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
+        positions = torch.tensor([p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long)
+        num_tokens = token_ids.shape[0]
+        lq = max(len(s.token_ids) for s in seqs)
+        pad_index, q_pos, unpad_index = [], [], []
+        row = 0
+        for b, s in enumerate(seqs):
+            n = len(s.token_ids)
+            pad_index.append(list(range(row, row + n)) + [num_tokens] * (lq - n))
+            q_pos.append(list(range(s.start_pos, s.end_pos)) + [-1] * (lq - n))
+            unpad_index.extend(range(b * lq, b * lq + n))
+            row += n
+        cfg = self.cfg
+        meta = StepMeta(
+            positions=positions,
+            pad_index=torch.tensor(pad_index, dtype=torch.long),
+            q_pos=torch.tensor(q_pos, dtype=torch.long),
+            unpad_index=torch.tensor(unpad_index, dtype=torch.long),
+            freqs_cis=rope_freqs_cis(positions, self.inv_freq),
+            temp_scales=temperature_scales(positions, cfg.floor_scale, cfg.attn_scale)
+            if cfg.attn_temperature_tuning
+            else None,
+            pools={
+                pool: self._pool_view(seqs, pool, num_tokens)
+                for pool, layers in (("full", cfg.full_layers), ("chunk", cfg.chunked_layers))
+                if layers
+            },
+        )
+        return token_ids, meta
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch) -> list[SeqOutput]:
+        token_ids, meta = self.build_meta(batch)
+        hidden = self.model.forward(token_ids, meta, self.kv)  # [T, H]
+        outputs = [SeqOutput(seq_id=s.seq_id) for s in batch.seqs]
+
+        # Prompt logprobs: rows whose next token is known.
+        rows, targets, owners, start = [], [], [], 0
+        for b, s in enumerate(batch.seqs):
+            n = len(s.logprob_targets)
+            rows.extend(range(start, start + n))
+            targets.extend(s.logprob_targets)
+            owners.extend([b] * n)
+            start += len(s.token_ids)
+        if rows:
+            lp, _, _ = token_logprobs(self.model.logits(hidden[rows]), torch.tensor(targets, dtype=torch.long))
+            for b, value in zip(owners, lp.tolist()):
+                outputs[b].prompt_logprobs.append(value)
+
+        # Sampling: the last token of every sequence that samples this step.
+        sampling = [(b, s) for b, s in enumerate(batch.seqs) if s.sampling is not None]
+        if not sampling:
+            return outputs
+        last_rows, offset = [], 0
+        ends = {}
+        for b, s in enumerate(batch.seqs):
+            offset += len(s.token_ids)
+            ends[b] = offset - 1
+        last_rows = [ends[b] for b, _ in sampling]
+        logits = self.model.logits(hidden[last_rows]).float()  # [N, V]
+        specs = [s.sampling for _, s in sampling]
+        uniform = torch.stack(
+            [
+                torch.rand((), generator=torch.Generator().manual_seed((sp.seed * _SEED_STRIDE + s.num_generated) % 2**63))
+                for (_, s), sp in zip(sampling, specs)
+            ]
+        )
+        chosen = sample_tokens(
+            logits,
+            torch.tensor([sp.temperature for sp in specs]),
+            torch.tensor([sp.top_k for sp in specs]),
+            torch.tensor([sp.top_p for sp in specs]),
+            uniform,
+        )
+        want = [sp.logprobs for sp in specs if sp.logprobs is not None]
+        if want:
+            lp, top_v, top_i = token_logprobs(logits, chosen, max(want))
+        for j, ((b, _), sp) in enumerate(zip(sampling, specs)):
+            out = outputs[b]
+            out.token_id = int(chosen[j])
+            if sp.logprobs is not None:
+                out.logprob = float(lp[j])
+                if sp.logprobs > 0:
+                    out.top_logprobs = list(zip(top_i[j, : sp.logprobs].tolist(), top_v[j, : sp.logprobs].tolist()))
+        return outputs

@@ -1,0 +1,33 @@
+"""Deployment configuration (pydantic, `extra="forbid"`, immutable)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineConfig(BaseModel):
+    """One model instance: its checkpoint, topology, KV cache and batching limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Directory of a Llama 4 checkpoint in the Hugging Face layout.")
+    attention_actors: int = Field(1, ge=1, le=64, description="Attention actors (data parallel over requests).")
+    expert_actors: int = Field(0, ge=0, le=512, description="Expert shard actors; 0 keeps experts in the attention actor.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and activation dtype; 'auto' takes the checkpoint's torch_dtype."
+    )
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block; must divide attention_chunk_size.")
+    kv_cache_tokens: int = Field(
+        65536, ge=16, description="Token capacity of the full-attention (NoPE) KV pool of each attention actor."
+    )
+    num_full_blocks: int | None = Field(None, ge=1, description="Override: blocks in the full-attention pool.")
+    num_chunk_blocks: int | None = Field(None, ge=1, description="Override: blocks in the chunked-attention pool.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Longest prompt + output; default min(max_position_embeddings, kv_cache_tokens)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Sequences running at once per attention actor.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per step (chunked prefill budget).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor; default: cores.")
+    seed: int = Field(0, ge=0, description="Seed for requests that give none.")

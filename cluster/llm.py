@@ -1,0 +1,81 @@
+"""The offline Python API: `LLM(model_dir, ...).generate(prompts, params) -> list[Completion]`."""
+
+from __future__ import annotations
+
+from typing import Sequence as Seq
+
+from tqdm import tqdm
+
+from .config import EngineConfig
+from .engine import EngineCore
+from .outputs import Completion
+from .sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+class LLM:
+    """A model instance on the local (or current) Ray cluster.
+
+    LLM(model_dir, attention_actors=1, expert_actors=0, dtype="float32", **EngineConfig fields)
+    """
+
+    def __init__(self, model: str, attention_actors: int = 1, expert_actors: int = 0, dtype: str = "auto", **kwargs):
+        config = EngineConfig(
+            model=str(model), attention_actors=attention_actors, expert_actors=expert_actors, dtype=dtype, **kwargs
+        )
+        self.engine = EngineCore(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[Completion]:
+        """Completions in the order of `prompts`. All requests are validated before any is queued."""
+        prompt_list = _as_prompt_list(prompts)
+        if not prompt_list:
+            raise ValueError("prompts is empty; give at least one prompt")
+        if params is None or isinstance(params, SamplingParams):
+            params_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"params has {len(params_list)} entries; prompts has {len(prompt_list)}")
+        token_lists = [self.engine.tokenize(p) for p in prompt_list]
+        for ids, p in zip(token_lists, params_list):
+            self.engine.validate(ids, p)
+        seqs = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params_list)]
+        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+        try:
+            while self.engine.has_work():
+                bar.update(len(self.engine.step()))
+        except BaseException:
+            for seq in seqs:
+                self.engine.abort(seq)
+            raise
+        finally:
+            bar.close()
+        return [self.engine.completion(seq) for seq in seqs]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,59 @@
+"""Request-level sampling parameters of the public API, validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """Mirrors vLLM's SamplingParams for the fields we support.
+
+    logprobs: None (off), True/0 (log-probability of each generated token), or n in 1..20 (also the n most
+    likely alternatives). prompt_logprobs: one float per prompt token, None for the first.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool | int | None = None
+    prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        def bad(name, value, allowed):
+            raise ValueError(f"SamplingParams.{name} is {value!r}; allowed {allowed}")
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            bad("max_tokens", self.max_tokens, "an integer >= 0")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
+            bad("temperature", self.temperature, "0..100 (0 is greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "(0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", self.top_k, "-1 or 0 (off) or a positive integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", self.seed, "None or an integer >= 0")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", self.stop, "non-empty strings")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", self.stop_token_ids, "token ids >= 0")
+        if self.logprobs is True:
+            self.logprobs = 0
+        elif self.logprobs is False:
+            self.logprobs = None
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", self.logprobs, f"None, True, or an integer 0..{MAX_LOGPROBS}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0

@@ -1,0 +1,128 @@
+"""Continuous-batching scheduler (plain Python, no torch): which sequences run this step, with how many tokens.
+
+Each step: running sequences first (decode one token, or the next piece of a prompt), then new sequences from
+the waiting queue while the token budget, `max_num_seqs` and both KV pools allow. When blocks run out, the
+newest running sequence is preempted (its blocks freed; it is recomputed later from its tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..actors.batch import SamplingSpec, SeqStep
+from .block_manager import BlockManager
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose k/v are in the cache
+    prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def sampling_spec(self) -> SamplingSpec:
+        p = self.params
+        return SamplingSpec(p.temperature, p.top_p, p.top_k, self.seed, p.logprobs)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.blocks.free(seq.seq_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.prompt_logprobs = [None]  # recollected, identical, during recompute
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _step_for(self, seq: Sequence, n: int) -> SeqStep:
+        start, end = seq.num_computed, seq.num_computed + n
+        full, read, write = self.blocks.append(seq.seq_id, start, end)
+        targets: list[int] = []
+        if seq.params.prompt_logprobs:
+            # next-token targets for positions [start, end) that lie inside the prompt
+            targets = seq.prompt_ids[start + 1 : min(end, len(seq.prompt_ids) - 1) + 1]
+        return SeqStep(
+            seq_id=seq.seq_id,
+            token_ids=seq.all_ids[start:end],
+            start_pos=start,
+            full_blocks=full,
+            chunk_read_blocks=read,
+            chunk_write_blocks=write,
+            sampling=seq.sampling_spec() if end == seq.num_tokens else None,
+            num_generated=len(seq.output_ids),
+            logprob_targets=targets,
+        )
+
+    def schedule(self) -> list[tuple[Sequence, SeqStep]]:
+        """The work of the next step; empty when nothing can run."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, SeqStep]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_append(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq in self.running:
+                scheduled.append((seq, self._step_for(seq, n)))
+                budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            if not self.blocks.can_append(seq.seq_id, n):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, self._step_for(seq, n)))
+            budget -= n
+        return scheduled
