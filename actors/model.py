@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import batched_attention
-from ..kernels.moe import route_topk, swiglu_mlp
+from ..kernels.moe import route_topk, swiglu
 from ..kernels.norms import l2_norm, rms_norm
 from ..kernels.rope import apply_rope
 from .checkpoint import LM_HEAD, TEXT_PREFIX, CheckpointReader
@@ -28,11 +28,11 @@ RoutedExperts = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class PoolView:
-    """Where a step reads and writes one KV pool. ctx_slots/ctx_pos [B, Lc] (pos -1: padding);
-    write_rows [N] token indices whose k/v are stored at write_slots [N]."""
+    """Where a step reads and writes one KV pool. ctx_slots [B, Lc] context slots to read; mask [B, Lq, Lc + Lq]
+    over (context, then the step's own tokens); write_rows [N] token indices whose k/v go to write_slots [N]."""
 
     ctx_slots: torch.Tensor
-    ctx_pos: torch.Tensor
+    mask: torch.Tensor
     write_rows: torch.Tensor
     write_slots: torch.Tensor
 
@@ -42,17 +42,24 @@ class StepMeta:
     """Per-step tensors shared by all layers (built once by the model runner)."""
 
     positions: torch.Tensor  # [T]
-    pad_index: torch.Tensor  # [B, Lq] token index, T for padding
-    q_pos: torch.Tensor  # [B, Lq], -1 for padding
-    unpad_index: torch.Tensor  # [T] index into the flattened [B * Lq]
+    pad_index: torch.Tensor | None  # [B, Lq] token index, T for padding; None when the batch is rectangular
+    unpad_index: torch.Tensor | None  # [T] index into the flattened [B * Lq]; None when rectangular
+    batch_shape: tuple[int, int]  # (B, Lq)
     freqs_cis: torch.Tensor  # [T, D/2] complex
     temp_scales: torch.Tensor | None  # [T] NoPE query scales
     pools: dict[str, PoolView]
 
 
-def _pad(x: torch.Tensor, pad_index: torch.Tensor) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] @ weight_t [in, out] (+ bias)."""
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def _pad(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
     """[T, ...] -> [B, Lq, ...] with zero rows at padding."""
-    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[pad_index]
+    if meta.pad_index is None:
+        return x.view(*meta.batch_shape, *x.shape[1:])
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])])[meta.pad_index]
 
 
 class Llama4TextModel:
@@ -66,28 +73,29 @@ class Llama4TextModel:
         def get(name: str) -> torch.Tensor:
             return reader.get(p + name, dtype, shapes[p + name])
 
-        self.embed = get("embed_tokens.weight")
+        self.embed = get("embed_tokens.weight")  # [V, H], rows looked up
         self.norm = get("norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings else reader.get(LM_HEAD, dtype, shapes[LM_HEAD])
+        lm_head = self.embed if cfg.tie_word_embeddings else reader.get(LM_HEAD, dtype, shapes[LM_HEAD])
+        self.lm_head_t = lm_head.t().contiguous()  # [H, V]
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_hidden_layers):
             a = f"layers.{i}.self_attn."
+            f = f"layers.{i}.feed_forward."
+            # Linear weights are kept input-major ([in, out]) and q/k/v, gate/up fused, for fast GEMV.
             w = {
                 "input_norm": get(f"layers.{i}.input_layernorm.weight"),
                 "post_norm": get(f"layers.{i}.post_attention_layernorm.weight"),
+                "qkv": torch.cat([get(f"{a}{n}_proj.weight") for n in "qkv"]).t().contiguous(),  # [H, (Hq+2Hkv)D]
+                "o": get(a + "o_proj.weight").t().contiguous(),  # [Hq*D, H]
             }
-            for n in ("q", "k", "v", "o"):
-                w[n] = get(f"{a}{n}_proj.weight")
-                if cfg.attention_bias:
-                    w[n + "_bias"] = get(f"{a}{n}_proj.bias")
-            f = f"layers.{i}.feed_forward."
+            if cfg.attention_bias:
+                w["qkv_bias"] = torch.cat([get(f"{a}{n}_proj.bias") for n in "qkv"])
+                w["o_bias"] = get(a + "o_proj.bias")
+            mlp = f + "shared_expert." if cfg.is_moe_layer(i) else f
             if cfg.is_moe_layer(i):
-                w["router"] = get(f + "router.weight")
-                for n in ("gate", "up", "down"):
-                    w["shared_" + n] = get(f"{f}shared_expert.{n}_proj.weight")
-            else:
-                for n in ("gate", "up", "down"):
-                    w["mlp_" + n] = get(f"{f}{n}_proj.weight")
+                w["router"] = get(f + "router.weight").t().contiguous()  # [H, E]
+            w["mlp_gate_up"] = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]).t().contiguous()
+            w["mlp_down"] = get(mlp + "down_proj.weight").t().contiguous()  # [I, H]
             self.layers.append(w)
 
     def forward(self, token_ids: torch.Tensor, meta: StepMeta, kv: KVCache) -> torch.Tensor:
@@ -99,14 +107,16 @@ class Llama4TextModel:
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head)
+        return hidden @ self.lm_head_t
 
     def attention(self, i: int, w: dict, x: torch.Tensor, meta: StepMeta, kv: KVCache) -> torch.Tensor:
         cfg = self.cfg
-        t = x.shape[0]
-        q = F.linear(x, w["q"], w.get("q_bias")).view(t, cfg.num_attention_heads, cfg.head_dim)
-        k = F.linear(x, w["k"], w.get("k_bias")).view(t, cfg.num_key_value_heads, cfg.head_dim)
-        v = F.linear(x, w["v"], w.get("v_bias")).view(t, cfg.num_key_value_heads, cfg.head_dim)
+        t, d = x.shape[0], cfg.head_dim
+        qkv = _linear(x, w["qkv"], w.get("qkv_bias"))
+        q_size, kv_size = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        q = qkv[:, :q_size].view(t, cfg.num_attention_heads, d)
+        k = qkv[:, q_size : q_size + kv_size].view(t, cfg.num_key_value_heads, d)
+        v = qkv[:, q_size + kv_size :].reshape(t, cfg.num_key_value_heads, d)
         if cfg.use_rope[i]:
             q, k = apply_rope(q, meta.freqs_cis), apply_rope(k, meta.freqs_cis)
             if cfg.use_qk_norm:  # after RoPE, RoPE layers only (Llama4TextAttention.qk_norm)
@@ -116,23 +126,22 @@ class Llama4TextModel:
 
         view = meta.pools[kv.pool_of(i)]
         ctx_k, ctx_v = kv.read(i, view.ctx_slots)  # [B, Lc, Hkv, D]
-        keys = torch.cat([ctx_k, _pad(k, meta.pad_index)], dim=1)
-        values = torch.cat([ctx_v, _pad(v, meta.pad_index)], dim=1)
-        key_pos = torch.cat([view.ctx_pos, meta.q_pos], dim=1)
+        keys = torch.cat([ctx_k, _pad(k, meta)], dim=1)
+        values = torch.cat([ctx_v, _pad(v, meta)], dim=1)
         if view.write_rows.numel():
             kv.write(i, view.write_slots, k[view.write_rows], v[view.write_rows])
-        chunk = cfg.attention_chunk_size if cfg.is_chunked[i] else None
-        out = batched_attention(
-            _pad(q, meta.pad_index), keys, values, meta.q_pos, key_pos, chunk, cfg.head_dim**-0.5
-        )  # [B, Lq, Hq, D]
-        out = out.reshape(-1, cfg.num_attention_heads * cfg.head_dim)[meta.unpad_index]  # [T, Hq*D]
-        return F.linear(out, w["o"], w.get("o_bias"))
+        out = batched_attention(_pad(q, meta), keys, values, view.mask, d**-0.5)  # [B, Lq, Hq, D]
+        out = out.reshape(-1, cfg.num_attention_heads * d)  # [B*Lq, Hq*D]
+        if meta.unpad_index is not None:
+            out = out[meta.unpad_index]  # [T, Hq*D]
+        return _linear(out, w["o"], w.get("o_bias"))
 
     def feed_forward(self, i: int, w: dict, x: torch.Tensor) -> torch.Tensor:
+        shared = swiglu(x, w["mlp_gate_up"], w["mlp_down"])  # dense MLP, or the shared expert
         if "router" not in w:
-            return swiglu_mlp(x, w["mlp_gate"], w["mlp_up"], w["mlp_down"])
-        expert_ids, scores = route_topk(F.linear(x, w["router"]), self.cfg.num_experts_per_tok)  # [T, k]
+            return shared
+        expert_ids, scores = route_topk(x @ w["router"], self.cfg.num_experts_per_tok)  # [T, k]
         top_k = expert_ids.shape[1]
         routed_in = (x[:, None, :] * scores[:, :, None]).reshape(-1, x.shape[1])  # [T*k, H]
         routed = self.routed(i, routed_in, expert_ids.reshape(-1)).view(x.shape[0], top_k, -1).sum(dim=1)
-        return swiglu_mlp(x, w["shared_gate"], w["shared_up"], w["shared_down"]) + routed
+        return shared + routed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.attention import attention_mask
 from ..kernels.rope import rope_freqs_cis, rope_inv_freq, temperature_scales
 from ..kernels.sampling import sample_tokens, token_logprobs
 from .batch import SeqOutput, SeqStep, StepBatch
@@ -33,7 +34,7 @@ class ModelRunner:
         c = self.cfg.attention_chunk_size
         return pos if c is None else pos // c * c
 
-    def _pool_view(self, seqs: list[SeqStep], pool: str, num_tokens: int) -> PoolView:
+    def _pool_view(self, seqs: list[SeqStep], pool: str, q_pos: torch.Tensor) -> PoolView:
         bs = self.kv.block_size
         ctx_slots, ctx_pos, write_rows, write_slots = [], [], [], []
         row = 0
@@ -56,9 +57,11 @@ class ModelRunner:
             write_slots.extend(write)
             row += len(s.token_ids)
         width = max((len(x) for x in ctx_slots), default=0)
+        ctx_pos_t = torch.tensor([x + [-1] * (width - len(x)) for x in ctx_pos], dtype=torch.long)
+        chunk = self.cfg.attention_chunk_size if pool == "chunk" else None
         return PoolView(
             ctx_slots=torch.tensor([x + [0] * (width - len(x)) for x in ctx_slots], dtype=torch.long),
-            ctx_pos=torch.tensor([x + [-1] * (width - len(x)) for x in ctx_pos], dtype=torch.long),
+            mask=attention_mask(q_pos, torch.cat([ctx_pos_t, q_pos], dim=1), chunk),
             write_rows=torch.tensor(write_rows, dtype=torch.long),
             write_slots=torch.tensor(write_slots, dtype=torch.long),
         )
@@ -69,6 +72,7 @@ class ModelRunner:
         positions = torch.tensor([p for s in seqs for p in range(s.start_pos, s.end_pos)], dtype=torch.long)
         num_tokens = token_ids.shape[0]
         lq = max(len(s.token_ids) for s in seqs)
+        rectangular = all(len(s.token_ids) == lq for s in seqs)
         pad_index, q_pos, unpad_index = [], [], []
         row = 0
         for b, s in enumerate(seqs):
@@ -78,17 +82,18 @@ class ModelRunner:
             unpad_index.extend(range(b * lq, b * lq + n))
             row += n
         cfg = self.cfg
+        q_pos_t = torch.tensor(q_pos, dtype=torch.long)
         meta = StepMeta(
             positions=positions,
-            pad_index=torch.tensor(pad_index, dtype=torch.long),
-            q_pos=torch.tensor(q_pos, dtype=torch.long),
-            unpad_index=torch.tensor(unpad_index, dtype=torch.long),
+            pad_index=None if rectangular else torch.tensor(pad_index, dtype=torch.long),
+            unpad_index=None if rectangular else torch.tensor(unpad_index, dtype=torch.long),
+            batch_shape=(len(seqs), lq),
             freqs_cis=rope_freqs_cis(positions, self.inv_freq),
             temp_scales=temperature_scales(positions, cfg.floor_scale, cfg.attn_scale)
             if cfg.attn_temperature_tuning
             else None,
             pools={
-                pool: self._pool_view(seqs, pool, num_tokens)
+                pool: self._pool_view(seqs, pool, q_pos_t)
                 for pool, layers in (("full", cfg.full_layers), ("chunk", cfg.chunked_layers))
                 if layers
             },

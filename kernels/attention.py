@@ -28,21 +28,14 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | N
 
 
 def batched_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    chunk_size: int | None,
-    scale: float,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], q_pos [B, Lq], k_pos [B, Lk] -> out [B, Lq, Hq, D]."""
-    mask = attention_mask(q_pos, k_pos, chunk_size)[:, None]  # [B, 1, Lq, Lk]
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] from `attention_mask` -> out [B, Lq, Hq, D]."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=mask,
+        attn_mask=mask[:, None],
         scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
     )  # [B, Hq, Lq, D]

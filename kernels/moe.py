@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 
 
-def swiglu_mlp(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
-    """Dense SwiGLU (dense layers and the shared expert): x [T, H], gate/up [I, H], down [H, I] -> [T, H]."""
-    return F.linear(F.silu(F.linear(x, gate_w)) * F.linear(x, up_w), down_w)
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with input-major fused weights: x [T, H], gate_up [H, 2I] (gate = first I columns), down [I, H].
+
+    Dense layers, the shared expert and each routed expert all use this. Input-major weights make the batch-1
+    GEMV read memory contiguously (about twice the bandwidth of `F.linear` on [out, in] weights on CPU).
+    """
+    gate, up = (x @ gate_up).chunk(2, dim=-1)  # [T, I] each
+    return (F.silu(gate) * up) @ down
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +51,7 @@ def grouped_swiglu(
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        rows = x_sorted[start : start + n]
-        gate, up = (rows @ gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-        out[order[start : start + n]] = (F.silu(gate) * up) @ down[e]
+        out[order[start : start + n]] = swiglu(x_sorted[start : start + n], gate_up[e], down[e])
         start += n
     return out
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llama4serve.kernels.attention import batched_attention
-from llama4serve.kernels.moe import grouped_swiglu, route_topk, swiglu_mlp
+from llama4serve.kernels.attention import attention_mask, batched_attention
+from llama4serve.kernels.moe import grouped_swiglu, route_topk, swiglu
 from llama4serve.kernels.norms import l2_norm, rms_norm
 from llama4serve.kernels.rope import apply_rope, rope_freqs_cis, rope_inv_freq, temperature_scales
 from llama4serve.kernels.sampling import sample_tokens, token_logprobs
@@ -101,7 +101,7 @@ def test_batched_attention_ragged_gqa(chunk):
     q = torch.randn(2, 5, hq, d)
     k = torch.randn(2, 14, hkv, d)
     v = torch.randn(2, 14, hkv, d)
-    out = batched_attention(q, k, v, q_pos, k_pos, chunk, d**-0.5)
+    out = batched_attention(q, k, v, attention_mask(q_pos, k_pos, chunk), d**-0.5)
     ref = _attention_reference(q, k, v, q_pos, k_pos, chunk, d**-0.5)
     valid = q_pos >= 0
     assert torch.isfinite(out).all()
@@ -149,10 +149,12 @@ def test_score_scales_expert_input_not_output():
     assert not torch.allclose(got, scores * _swiglu_reference(x, gate_up[0, :, :i], gate_up[0, :, i:], down[0]))
 
 
-def test_swiglu_mlp():
+def test_swiglu_fused_input_major():
     x = torch.randn(4, 8)
-    g, u, dn = torch.randn(6, 8), torch.randn(6, 8), torch.randn(8, 6)
-    torch.testing.assert_close(swiglu_mlp(x, g, u, dn), _swiglu_reference(x, g.T, u.T, dn.T))
+    g, u, dn = torch.randn(6, 8), torch.randn(6, 8), torch.randn(8, 6)  # nn.Linear layout [out, in]
+    fused = torch.cat([g, u]).T.contiguous()  # [H, 2I]
+    ref = torch.nn.functional.silu(x @ g.T) * (x @ u.T) @ dn.T
+    torch.testing.assert_close(swiglu(x, fused, dn.T.contiguous()), ref)
 
 
 def test_sampling_greedy_topk_topp_and_distribution():

@@ -24,6 +24,7 @@ VARIANTS = {
     "interleave_3": dict(MAVERICK_LIKE, interleave_moe_layer_step=3, num_hidden_layers=6),
     "top2_experts": dict(SCOUT_LIKE, num_experts_per_tok=2),
     "long_chunk": dict(MAVERICK_LIKE, attention_chunk_size=4096),
+    "attention_bias": dict(SCOUT_LIKE, attention_bias=True),
 }
 
 

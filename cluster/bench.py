@@ -1,0 +1,107 @@
+"""`llama4serve bench`: measures this engine and a reference side by side in one run and prints the ratios.
+
+Batch-1 decode on the `bench-small` preset: our tokens/s, `transformers` `generate` tokens/s on the same
+checkpoint, and the memory-bandwidth floor (weight bytes a decode step must read / bandwidth measured now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from ..actors.config import ModelConfig, load_model_config
+from .generate import resolve_model
+from .llm import LLM
+from .sampling_params import SamplingParams
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def decode_weight_bytes(cfg: ModelConfig, dtype: str) -> int:
+    """Weight bytes one batch-1 decode step reads: attention, norms, dense MLPs, router, shared expert and the
+    top-k routed experts of each layer, final norm, one embedding row and the lm_head."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads) + 2 * h
+    params = h + h + cfg.vocab_size * h  # embedding row, final norm, lm_head
+    for i in range(cfg.num_hidden_layers):
+        params += attn
+        if cfg.is_moe_layer(i):
+            params += cfg.num_experts * h + 3 * h * cfg.intermediate_size * (1 + cfg.num_experts_per_tok)
+        else:
+            params += 3 * h * cfg.intermediate_size_mlp
+    return params * DTYPE_BYTES[dtype]
+
+
+def measure_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `repeats` full reductions over a buffer larger than the caches."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def ours_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int, dtype: str) -> float:
+    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
+    with LLM(str(model_dir), dtype=dtype) as llm:
+        llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+        engine = llm.engine
+        engine.add_request(prompt, params)
+        engine.step()  # prefill + first token
+        t0 = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+        return new_tokens / (time.perf_counter() - t0)
+
+
+def transformers_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int, dtype: str) -> float:
+    try:
+        from transformers import Llama4ForConditionalGeneration
+    except ImportError:
+        raise SystemExit("bench needs transformers for the reference: pip install -e '.[test]'") from None
+    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor([prompt])
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    return new_tokens / (run(new_tokens + 1) - run(1))
+
+
+def add_bench_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark batch-1 decode against transformers and the bandwidth floor")
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: a bench-small checkpoint)")
+    p.add_argument("--preset", default="bench-small", help="preset made when --model is not given")
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "llama4serve")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.set_defaults(func=main_bench)
+
+
+def main_bench(args: argparse.Namespace) -> int:
+    model_dir = resolve_model(args.model, args.preset, args.cache_dir)
+    cfg = load_model_config(model_dir)
+    prompt = torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    bandwidth = measure_bandwidth()
+    floor_tps = bandwidth / decode_weight_bytes(cfg, args.dtype)
+    ours = ours_decode_tps(model_dir, prompt, args.new_tokens, args.dtype)
+    ref = transformers_decode_tps(model_dir, prompt, args.new_tokens, args.dtype)
+    print(f"model {model_dir} ({args.dtype}), prompt {args.prompt_tokens} tokens, {args.new_tokens} decode steps, "
+          f"{torch.get_num_threads()} threads")
+    print(f"measured read bandwidth      {bandwidth / 1e9:8.2f} GB/s")
+    print(f"weight bytes per decode step {decode_weight_bytes(cfg, args.dtype) / 1e6:8.1f} MB")
+    print(f"{'':28} {'tokens/s':>10} {'ours / this':>12}")
+    print(f"{'llama4serve (batch 1)':28} {ours:10.1f} {1.0:12.2f}")
+    print(f"{'transformers generate':28} {ref:10.1f} {ours / ref:12.2f}")
+    print(f"{'bandwidth floor':28} {floor_tps:10.1f} {ours / floor_tps:12.2f}")
+    return 0

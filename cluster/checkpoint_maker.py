@@ -1,0 +1,229 @@
+"""Random Llama 4 checkpoints in the released Hugging Face layout (``llama4serve checkpoint``).
+
+Writes ``config.json``, ``generation_config.json``, sharded ``model-0000i-of-0000n.safetensors`` with
+``model.safetensors.index.json`` and the tokenizer files. Tensor names and shapes are those transformers'
+``Llama4ForConditionalGeneration`` saves, derived here from the config with plain arithmetic (no transformers).
+
+Initialisation is chosen so that a random model is not degenerate (greedy decoding depends on the context):
+matrices ~ N(0, 1/fan_in), token embeddings ~ N(0, 1), norm weights 1 + N(0, 0.1), biases N(0, 0.02). Every tensor
+has its own generator seeded from (seed, tensor name), so values do not depend on sharding or write order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .presets import PRESETS, get_preset
+from .tokenizer_files import write_tokenizer_files
+
+TRANSFORMERS_VERSION = "5.23.0"  # the version whose file layout these files mirror
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One checkpoint tensor: its name, shape and how to draw it (``std`` for "normal")."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str  # "normal" | "norm" (1 + noise) | "bias"
+    std: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
+    return TensorSpec(name, (out_features, in_features), "normal", in_features ** -0.5)
+
+
+def _text_specs(tc: dict, tie_word_embeddings: bool) -> list[TensorSpec]:
+    hidden, head_dim = tc["hidden_size"], tc["head_dim"]
+    q_dim, kv_dim = tc["num_attention_heads"] * head_dim, tc["num_key_value_heads"] * head_dim
+    experts, inter = tc["num_local_experts"], tc["intermediate_size"]
+    moe_layers = tc.get("moe_layers")
+    if moe_layers is None:
+        step = tc.get("interleave_moe_layer_step", 1)
+        moe_layers = list(range(step - 1, tc["num_hidden_layers"], step))
+    p = "language_model.model"
+    specs = [TensorSpec(f"{p}.embed_tokens.weight", (tc["vocab_size"], hidden), "normal", 1.0)]
+    for i in range(tc["num_hidden_layers"]):
+        lp = f"{p}.layers.{i}"
+        specs += [
+            _linear(f"{lp}.self_attn.q_proj.weight", q_dim, hidden),
+            _linear(f"{lp}.self_attn.k_proj.weight", kv_dim, hidden),
+            _linear(f"{lp}.self_attn.v_proj.weight", kv_dim, hidden),
+            _linear(f"{lp}.self_attn.o_proj.weight", hidden, q_dim),
+            TensorSpec(f"{lp}.input_layernorm.weight", (hidden,), "norm"),
+            TensorSpec(f"{lp}.post_attention_layernorm.weight", (hidden,), "norm"),
+        ]
+        if i in moe_layers:
+            fp = f"{lp}.feed_forward"
+            specs += [
+                TensorSpec(f"{fp}.experts.gate_up_proj", (experts, hidden, 2 * inter), "normal", hidden ** -0.5),
+                TensorSpec(f"{fp}.experts.down_proj", (experts, inter, hidden), "normal", inter ** -0.5),
+                _linear(f"{fp}.router.weight", experts, hidden),
+                _linear(f"{fp}.shared_expert.gate_proj.weight", inter, hidden),
+                _linear(f"{fp}.shared_expert.up_proj.weight", inter, hidden),
+                _linear(f"{fp}.shared_expert.down_proj.weight", hidden, inter),
+            ]
+        else:
+            mlp = tc["intermediate_size_mlp"]
+            specs += [
+                _linear(f"{lp}.feed_forward.gate_proj.weight", mlp, hidden),
+                _linear(f"{lp}.feed_forward.up_proj.weight", mlp, hidden),
+                _linear(f"{lp}.feed_forward.down_proj.weight", hidden, mlp),
+            ]
+    specs.append(TensorSpec(f"{p}.norm.weight", (hidden,), "norm"))
+    if not tie_word_embeddings:
+        specs.append(_linear("language_model.lm_head.weight", tc["vocab_size"], hidden))
+    return specs
+
+
+def _vision_specs(vc: dict, text_hidden: int) -> list[TensorSpec]:
+    hidden, inter, patch = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
+    num_positions = (vc["image_size"] // patch) ** 2 + 1  # patches + class token
+    p = "vision_model"
+    specs = [
+        TensorSpec(f"{p}.class_embedding", (hidden,), "normal", hidden ** -0.5),
+        TensorSpec(f"{p}.positional_embedding_vlm", (num_positions, hidden), "normal", hidden ** -0.5),
+        _linear(f"{p}.patch_embedding.linear.weight", hidden, vc["num_channels"] * patch * patch),
+    ]
+    for ln in ("layernorm_pre", "layernorm_post"):
+        specs += [TensorSpec(f"{p}.{ln}.weight", (hidden,), "norm"), TensorSpec(f"{p}.{ln}.bias", (hidden,), "bias")]
+    for i in range(vc["num_hidden_layers"]):
+        lp = f"{p}.model.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            specs += [_linear(f"{lp}.self_attn.{proj}.weight", hidden, hidden),
+                      TensorSpec(f"{lp}.self_attn.{proj}.bias", (hidden,), "bias")]
+        specs += [
+            _linear(f"{lp}.mlp.fc1.weight", inter, hidden), TensorSpec(f"{lp}.mlp.fc1.bias", (inter,), "bias"),
+            _linear(f"{lp}.mlp.fc2.weight", hidden, inter), TensorSpec(f"{lp}.mlp.fc2.bias", (hidden,), "bias"),
+        ]
+        for ln in ("input_layernorm", "post_attention_layernorm"):
+            specs += [TensorSpec(f"{lp}.{ln}.weight", (hidden,), "norm"),
+                      TensorSpec(f"{lp}.{ln}.bias", (hidden,), "bias")]
+    specs += [
+        _linear(f"{p}.vision_adapter.mlp.fc1.weight", vc["projector_input_dim"], inter),
+        _linear(f"{p}.vision_adapter.mlp.fc2.weight", vc["projector_output_dim"], vc["projector_output_dim"]),
+        _linear("multi_modal_projector.linear_1.weight", text_hidden, vc["vision_output_dim"]),
+    ]
+    return specs
+
+
+def tensor_specs(config: dict) -> list[TensorSpec]:
+    """Every tensor of the checkpoint for a ``config.json`` dict, sorted by name (transformers' save order)."""
+    tc, vc = config["text_config"], config["vision_config"]
+    tie = config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
+    return sorted(_text_specs(tc, tie) + _vision_specs(vc, tc["hidden_size"]), key=lambda s: s.name)
+
+
+def _make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(spec.name.encode())) % 2**63)
+    noise = torch.randn(spec.shape, generator=generator, dtype=torch.float32)
+    if spec.init == "normal":
+        tensor = noise * spec.std
+    elif spec.init == "norm":
+        tensor = 1.0 + 0.1 * noise
+    elif spec.init == "bias":
+        tensor = 0.02 * noise
+    else:
+        raise ValueError(f"tensor {spec.name} has unknown init {spec.init!r}; expected normal, norm or bias")
+    return tensor.to(dtype).contiguous()
+
+
+def _plan_shards(specs: list[TensorSpec], itemsize: int, max_shard_bytes: int | None) -> list[list[TensorSpec]]:
+    total = sum(s.numel for s in specs) * itemsize
+    largest = max(s.numel for s in specs) * itemsize
+    if max_shard_bytes is None:  # about four shards, so even tiny checkpoints exercise the index
+        max_shard_bytes = max(largest, min(5 * 10**9, -(-total // 4)))
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = spec.numel * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def generation_config(config: dict) -> dict:
+    """``generation_config.json`` as released (sampling at temperature 0.6, top_p 0.9) for a config dict."""
+    tc = config["text_config"]
+    return {"bos_token_id": tc["bos_token_id"], "do_sample": True, "eos_token_id": tc["eos_token_id"],
+            "pad_token_id": tc["pad_token_id"], "temperature": 0.6, "top_p": 0.9,
+            "transformers_version": TRANSFORMERS_VERSION}
+
+
+def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, dtype: str = "float32",
+                     max_shard_bytes: int | None = None) -> Path:
+    """Write a random checkpoint of ``preset`` into ``out_dir`` (created if needed) and return its path.
+
+    ``dtype`` is the stored weight type (float32, bfloat16, float16); ``max_shard_bytes`` caps a shard's size
+    (default: a quarter of the model, so every preset gets several shards). Same seed, same bytes.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = get_preset(preset)
+    torch_dtype = DTYPES[dtype]
+    itemsize = torch.empty((), dtype=torch_dtype).element_size()
+    specs = tensor_specs(config)
+    shards = _plan_shards(specs, itemsize, max_shard_bytes)
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+
+    weight_map: dict[str, str] = {}
+    for index, shard in enumerate(shards, start=1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {spec.name: _make_tensor(spec, seed, torch_dtype) for spec in shard}
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        (out / filename).chmod(0o644)  # safetensors creates files readable by the owner only
+        weight_map.update(dict.fromkeys(tensors, filename))
+    total_parameters = sum(s.numel for s in specs)
+    index_json = {"metadata": {"total_parameters": total_parameters, "total_size": total_parameters * itemsize},
+                  "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+    config["dtype"] = dtype
+    config["transformers_version"] = TRANSFORMERS_VERSION
+    (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+    write_tokenizer_files(out, model_max_length=config["text_config"]["max_position_embeddings"])
+    return out
+
+
+def add_checkpoint_subcommand(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``checkpoint --preset P --out DIR [--seed N] [--dtype D] [--max-shard-bytes B]``."""
+    parser = subparsers.add_parser("checkpoint", help="write a random Llama 4 checkpoint in the Hugging Face layout")
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
+    parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same weights)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored weight dtype")
+    parser.add_argument("--max-shard-bytes", type=int, default=None,
+                        help="largest safetensors shard in bytes (default: about a quarter of the model)")
+    parser.set_defaults(func=main_checkpoint)
+
+
+def main_checkpoint(args: argparse.Namespace) -> int:
+    """Run the ``checkpoint`` subcommand; prints where the checkpoint went and its size."""
+    out = write_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype,
+                           max_shard_bytes=args.max_shard_bytes)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    meta = index["metadata"]
+    shards = len(set(index["weight_map"].values()))
+    print(f"wrote {args.preset} ({meta['total_parameters']:,} parameters, {meta['total_size']:,} bytes "
+          f"in {shards} shards, {args.dtype}) to {out}")
+    return 0
