@@ -8,7 +8,7 @@ Hq/Hkv heads, D head_dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,11 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import text_weight_shapes
 
-# (layer, x [N, H] already score-scaled, expert_ids [N]) -> [N, H]
-RoutedExperts = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+class RoutedExperts(Protocol):
+    """Routed experts, local (`LocalExperts`) or on expert actors (`Router`). `start` sends the score-scaled
+    rows x [N, H] with their expert_ids [N] on their way; the returned `finish()` gives the outputs [N, H]."""
+
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> Callable[[], torch.Tensor]: ...
 
 
 @dataclass
@@ -137,11 +140,11 @@ class Llama4TextModel:
         return _linear(out, w["o"], w.get("o_bias"))
 
     def feed_forward(self, i: int, w: dict, x: torch.Tensor) -> torch.Tensor:
-        shared = swiglu(x, w["mlp_gate_up"], w["mlp_down"])  # dense MLP, or the shared expert
         if "router" not in w:
-            return shared
+            return swiglu(x, w["mlp_gate_up"], w["mlp_down"])
         expert_ids, scores = route_topk(x @ w["router"], self.cfg.num_experts_per_tok)  # [T, k]
         top_k = expert_ids.shape[1]
         routed_in = (x[:, None, :] * scores[:, :, None]).reshape(-1, x.shape[1])  # [T*k, H]
-        routed = self.routed(i, routed_in, expert_ids.reshape(-1)).view(x.shape[0], top_k, -1).sum(dim=1)
-        return shared + routed
+        finish = self.routed.start(i, routed_in, expert_ids.reshape(-1))
+        shared = swiglu(x, w["mlp_gate_up"], w["mlp_down"])  # computed while routed rows are away
+        return shared + finish().view(x.shape[0], top_k, -1).sum(dim=1)

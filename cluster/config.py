@@ -31,3 +31,20 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per step (chunked prefill budget).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor; default: cores.")
     seed: int = Field(0, ge=0, description="Seed for requests that give none.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy: PACK for one node, SPREAD across nodes."
+    )
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="Logical CPUs reserved per data-plane actor.")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0."
+    )
+    attention_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources for each attention actor's bundle."
+    )
+    expert_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources for each expert actor's bundle."
+    )
+    collective_timeout_s: float = Field(
+        180.0, gt=0, description="Timeout of every collective and of every step: a dead peer raises, never hangs."
+    )
+    placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for Ray to place the actors.")

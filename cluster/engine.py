@@ -8,21 +8,43 @@ import os
 import random
 import uuid
 
+from dataclasses import dataclass
+
 import ray
 
 from ..actors.attention import AttentionActor
 from ..actors.batch import StepBatch
+from ..actors.expert_shard import ExpertShardActor
+from ..actors.experts import expert_split
 from ..actors.checkpoint import CheckpointReader
 from ..actors.config import load_model_config
 from ..actors.weights import check_checkpoint
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .outputs import Completion
+from .placement import place
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, Sequence
 from .tokenizer import Tokenizer
 
-STEP_TIMEOUT_S = 600.0
+
+
+class DataPlaneError(RuntimeError):
+    """A data-plane actor died or a step outlived the collective timeout; the instance must be restarted."""
+
+
+@dataclass
+class AttentionReplica:
+    """One attention actor with the KV bookkeeping and scheduler of the sequences it owns."""
+
+    name: str
+    actor: object
+    blocks: BlockManager
+    scheduler: Scheduler
+    num_assigned: int = 0  # requests ever given to this actor
+
+    def load(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
 
 
 class EngineCore:
@@ -44,25 +66,74 @@ class EngineCore:
         num_full = config.num_full_blocks or -(-config.kv_cache_tokens // bs)
         per_seq_chunk = -(-min(chunk or bs, self.max_model_len) // bs) + 1
         num_chunk = config.num_chunk_blocks or per_seq_chunk * config.max_num_seqs
-        self.blocks = BlockManager(num_full, num_chunk, bs, chunk, bool(cfg.full_layers), bool(cfg.chunked_layers))
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_ids = set(cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
+        self._owner: dict[int, AttentionReplica] = {}
+        self.failure: str | None = None
+        self.replicas: list[AttentionReplica] = []
+        self.experts: list = []
+        self.placement = None
 
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-        self.namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
-        threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.attention_actors)
-        actor_cls = ray.remote(AttentionActor).options(
-            name="attention-0", namespace=self.namespace, num_cpus=1, max_concurrency=1
-        )
-        self.actor = actor_cls.remote(config.model, self.dtype, num_full, num_chunk, bs, threads)
         try:
-            ray.get(self.actor.ready.remote(), timeout=STEP_TIMEOUT_S)
-        except Exception:
+            self._start_actors(num_full, num_chunk, chunk)
+        except BaseException:
             self.shutdown()
             raise
+
+    def _start_actors(self, num_full: int, num_chunk: int, chunk: int | None) -> None:
+        config, cfg, bs = self.config, self.model_cfg, self.config.block_size
+        a, e = config.attention_actors, config.expert_actors
+        bounds = expert_split(cfg.num_experts, e) if e else None
+        self.placement = placement = place(config, config.placement_timeout_s)
+        self.namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
+        threads = config.torch_threads or max(1, (os.cpu_count() or 1) // (a + e))
+
+        def options(cls, name: str, bundle: int):
+            return ray.remote(cls).options(
+                name=name, namespace=self.namespace, num_cpus=config.num_cpus_per_actor, num_gpus=placement.num_gpus,
+                max_concurrency=1, scheduling_strategy=placement.strategy(bundle),
+            )
+
+        for i, bundle in enumerate(placement.attention_bundles):
+            actor = options(AttentionActor, f"attention-{i}", bundle).remote(
+                config.model, self.dtype, num_full, num_chunk, bs, threads, bounds, a
+            )
+            blocks = BlockManager(num_full, num_chunk, bs, chunk, bool(cfg.full_layers), bool(cfg.chunked_layers))
+            scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
+            self.replicas.append(AttentionReplica(f"attention-{i}", actor, blocks, scheduler))
+        for j, bundle in enumerate(placement.expert_bundles):
+            self.experts.append(
+                options(ExpertShardActor, f"expert-{j}", bundle).remote(config.model, self.dtype, bounds, j, threads)
+            )
+        self.actor_names = {**{r.actor: r.name for r in self.replicas}, **{x: f"expert-{j}" for j, x in enumerate(self.experts)}}
+        self.actor_info = dict(zip(self.actor_names.values(), self._gather([x.ready.remote() for x in self.actor_names])))
+        if e:
+            master = ray.get(self.replicas[0].actor.master_address.remote(), timeout=config.collective_timeout_s)
+            world, timeout = a + e, config.collective_timeout_s
+            joins = [r.actor.join_group.remote(master, i, world, timeout) for i, r in enumerate(self.replicas)]
+            joins += [x.join_group.remote(master, a + j, world, a, timeout) for j, x in enumerate(self.experts)]
+            self.backend = self._gather(joins)[0]
+
+    @property
+    def blocks(self) -> BlockManager:
+        """The first attention actor's block manager (admission limits are the same for all)."""
+        return self.replicas[0].blocks
+
+    def _gather(self, refs: list) -> list:
+        """ray.get with the collective timeout, failing at the first error instead of waiting for the rest."""
+        pending, deadline = list(refs), self.config.collective_timeout_s + 30.0
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=deadline)
+            if not ready:
+                raise DataPlaneError(f"a data-plane step did not finish within {deadline:.0f} s (collective_timeout_s)")
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                raise DataPlaneError(f"data-plane actor failed: {err}") from err
+        return ray.get(refs)
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -101,37 +172,58 @@ class EngineCore:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
+        self._check_alive()
         seq = Sequence(seq_id=next(self._ids), prompt_ids=prompt_ids, params=params, seed=seed)
-        self.scheduler.add(seq)
+        replica = min(self.replicas, key=AttentionReplica.load)  # data parallel: the least loaded actor
+        replica.scheduler.add(seq)
+        replica.num_assigned += 1
+        self._owner[seq.seq_id] = replica
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        self.scheduler.abort(seq.seq_id)
+        replica = self._owner.pop(seq.seq_id, None)
+        if replica is not None:
+            replica.scheduler.abort(seq.seq_id)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return any(r.scheduler.has_work() for r in self.replicas)
+
+    def _check_alive(self) -> None:
+        if self.failure:
+            raise DataPlaneError(f"this model instance is down: {self.failure}")
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        self._check_alive()
+        plans = [(r, r.scheduler.schedule()) for r in self.replicas]
+        if not any(scheduled for _, scheduled in plans):
             return []
-        outputs = ray.get(self.actor.step.remote(StepBatch([s for _, s in scheduled])), timeout=STEP_TIMEOUT_S)
+        # With expert actors every rank joins every step's collectives, idle attention actors included.
+        stepping = [(r, sch) for r, sch in plans if sch or self.experts]
+        refs = [r.actor.step.remote(StepBatch([s for _, s in sch])) for r, sch in stepping]
+        refs += [x.run_step.remote() for x in self.experts]
+        try:
+            results = self._gather(refs)
+        except DataPlaneError as err:
+            self.failure = str(err)
+            self.shutdown()
+            raise
         finished = []
-        for (seq, step), out in zip(scheduled, outputs):
-            seq.num_computed = step.end_pos
-            self.blocks.finish_step(seq.seq_id)
-            seq.prompt_logprobs.extend(out.prompt_logprobs)
-            if out.token_id is not None and self._append(seq, out):
-                finished.append(seq)
+        for (replica, scheduled), outputs in zip(stepping, results):
+            for (seq, step), out in zip(scheduled, outputs):
+                seq.num_computed = step.end_pos
+                replica.blocks.finish_step(seq.seq_id)
+                seq.prompt_logprobs.extend(out.prompt_logprobs)
+                if out.token_id is not None and self._append(replica, seq, out):
+                    finished.append(seq)
         return finished
 
-    def _append(self, seq: Sequence, out) -> bool:
+    def _append(self, replica: AttentionReplica, seq: Sequence, out) -> bool:
         """Adds a sampled token; finishes the sequence when a stop condition holds. True if it finished."""
         p = seq.params
         if len(seq.output_ids) >= p.max_tokens:  # max_tokens=0: prompt scoring only
-            self.scheduler.finish(seq, "length")
+            self._finish(replica, seq, "length")
             return True
         seq.output_ids.append(out.token_id)
         if out.logprob is not None:
@@ -145,8 +237,12 @@ class EngineCore:
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason:
-            self.scheduler.finish(seq, reason)
+            self._finish(replica, seq, reason)
         return reason is not None
+
+    def _finish(self, replica: AttentionReplica, seq: Sequence, reason: str) -> None:
+        replica.scheduler.finish(seq, reason)
+        self._owner.pop(seq.seq_id, None)
 
     def _stop_string_at(self, seq: Sequence) -> int | None:
         text = self.tokenizer.decode(seq.output_ids) if self.tokenizer else ""
@@ -170,6 +266,10 @@ class EngineCore:
         )
 
     def shutdown(self) -> None:
-        actor, self.actor = getattr(self, "actor", None), None
-        if actor is not None:
+        """Kills the data-plane actors and releases their placement group (idempotent)."""
+        for actor in [r.actor for r in getattr(self, "replicas", [])] + list(getattr(self, "experts", [])):
             ray.kill(actor)
+        self.experts = []
+        if getattr(self, "placement", None) is not None:
+            self.placement.remove()
+            self.placement = None

@@ -1,0 +1,38 @@
+"""One torch.distributed process group over all attention and expert ranks of a model instance.
+
+Rank 0 picks its node's IP and a free port; every rank then joins with the same address. NCCL when CUDA is
+available, gloo otherwise. Every collective carries `timeout_s`, so a dead or stuck peer raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def master_address() -> tuple[str, int]:
+    """(this node's IP, a free TCP port on it): called on rank 0."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return ip, s.getsockname()[1]
+
+
+def join(master: tuple[str, int], rank: int, world_size: int, timeout_s: float) -> str:
+    """Joins the group (blocks until all ranks have joined or `timeout_s` passes). Returns the backend."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master[0]}:{master[1]}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return backend
