@@ -46,7 +46,7 @@ class AttentionActor:
         if expert_bounds:
             world_size = num_attention_ranks + len(expert_bounds)
             layout = ExpertLayout(expert_bounds, num_attention_ranks, world_size)
-            self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers)
+            self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers, torch_dtype)
         else:
             routed = LocalExperts(cfg, reader, 0, cfg.num_experts, torch_dtype)
         model = Llama4TextModel(cfg, reader, torch_dtype, routed)
@@ -67,12 +67,12 @@ class AttentionActor:
         return join(master, rank, world_size, timeout_s)
 
     def exchange_stats(self) -> tuple[float, int]:
-        """(seconds spent in all-to-all exchanges, exchanges) since start."""
+        """(seconds from dispatch to combined results, MoE-layer exchanges) since start."""
         return (self.router.exchange_seconds, self.router.exchanges) if self.router else (0.0, 0)
 
     def step(self, batch: StepBatch) -> list[SeqOutput]:
         if not batch.seqs:
             if self.router is not None:
-                self.router.idle_step(self.dtype)  # every rank joins every collective
+                self.router.idle_step(batch.moe_capacity)  # every rank joins every collective
             return []
         return self.runner.step(batch)

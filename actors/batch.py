@@ -45,6 +45,7 @@ class SeqStep:
 @dataclass
 class StepBatch:
     seqs: list[SeqStep]
+    moe_capacity: int = 0  # most routed rows any attention rank sends this step (same on every rank)
 
 
 @dataclass

@@ -46,7 +46,7 @@ class LocalExperts:
         """x [N, H] rows already scaled by their router score, expert_ids [N] global -> [N, H]."""
         return grouped_swiglu(x, expert_ids, self.gate_up[layer], self.down[layer], self.first_expert)
 
-    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor):
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):
         """The routed-experts protocol of the model (see `Router.start`): here the work is done at once."""
         out = self(layer, x, expert_ids)
         return lambda: out

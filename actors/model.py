@@ -24,9 +24,12 @@ from .weights import text_weight_shapes
 
 class RoutedExperts(Protocol):
     """Routed experts, local (`LocalExperts`) or on expert actors (`Router`). `start` sends the score-scaled
-    rows x [N, H] with their expert_ids [N] on their way; the returned `finish()` gives the outputs [N, H]."""
+    rows x [N, H] with their expert_ids [N] on their way; the returned `finish()` gives the outputs [N, H].
+    `capacity` bounds the rows any rank sends in this step (remote experts size their buffers by it)."""
 
-    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> Callable[[], torch.Tensor]: ...
+    def start(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int
+    ) -> Callable[[], torch.Tensor]: ...
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StepMeta:
     freqs_cis: torch.Tensor  # [T, D/2] complex
     temp_scales: torch.Tensor | None  # [T] NoPE query scales
     pools: dict[str, PoolView]
+    moe_capacity: int = 0
 
 
 def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -106,7 +110,7 @@ class Llama4TextModel:
         x = self.embed[token_ids]  # [T, H]
         for i, w in enumerate(self.layers):
             x = x + self.attention(i, w, rms_norm(x, w["input_norm"], self.cfg.rms_norm_eps), meta, kv)
-            x = x + self.feed_forward(i, w, rms_norm(x, w["post_norm"], self.cfg.rms_norm_eps))
+            x = x + self.feed_forward(i, w, rms_norm(x, w["post_norm"], self.cfg.rms_norm_eps), meta.moe_capacity)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -139,12 +143,12 @@ class Llama4TextModel:
             out = out[meta.unpad_index]  # [T, Hq*D]
         return _linear(out, w["o"], w.get("o_bias"))
 
-    def feed_forward(self, i: int, w: dict, x: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, i: int, w: dict, x: torch.Tensor, moe_capacity: int) -> torch.Tensor:
         if "router" not in w:
             return swiglu(x, w["mlp_gate_up"], w["mlp_down"])
         expert_ids, scores = route_topk(x @ w["router"], self.cfg.num_experts_per_tok)  # [T, k]
         top_k = expert_ids.shape[1]
         routed_in = (x[:, None, :] * scores[:, :, None]).reshape(-1, x.shape[1])  # [T*k, H]
-        finish = self.routed.start(i, routed_in, expert_ids.reshape(-1))
+        finish = self.routed.start(i, routed_in, expert_ids.reshape(-1), moe_capacity)
         shared = swiglu(x, w["mlp_gate_up"], w["mlp_down"])  # computed while routed rows are away
         return shared + finish().view(x.shape[0], top_k, -1).sum(dim=1)

@@ -92,6 +92,7 @@ class ModelRunner:
             temp_scales=temperature_scales(positions, cfg.floor_scale, cfg.attn_scale)
             if cfg.attn_temperature_tuning
             else None,
+            moe_capacity=batch.moe_capacity,
             pools={
                 pool: self._pool_view(seqs, pool, q_pos_t)
                 for pool, layers in (("full", cfg.full_layers), ("chunk", cfg.chunked_layers))

@@ -1,7 +1,8 @@
 """One torch.distributed process group over all attention and expert ranks of a model instance.
 
-Rank 0 picks its node's IP and a free port; every rank then joins with the same address. NCCL when CUDA is
-available, gloo otherwise. Every collective carries `timeout_s`, so a dead or stuck peer raises instead of hanging.
+Rank 0 picks its node's IP and a free port; every rank then joins with the same address. The backend follows the
+device the exchanged tensors live on: NCCL for CUDA tensors, gloo for CPU tensors (the data plane computes on
+CPU today, so gloo). Every collective carries `timeout_s`, so a dead or stuck peer raises instead of hanging.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ def master_address() -> tuple[str, int]:
         return ip, s.getsockname()[1]
 
 
-def join(master: tuple[str, int], rank: int, world_size: int, timeout_s: float) -> str:
+def join(master: tuple[str, int], rank: int, world_size: int, timeout_s: float, device: str = "cpu") -> str:
     """Joins the group (blocks until all ranks have joined or `timeout_s` passes). Returns the backend."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group(

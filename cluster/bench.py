@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from ..actors.config import ModelConfig, load_model_config
@@ -89,6 +90,43 @@ def transformers_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int,
     return new_tokens / (run(new_tokens + 1) - run(1))
 
 
+def throughput(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str, attention: int,
+               experts: int) -> tuple[float, list[float]]:
+    """(generated tokens/s, attention-0's exchange stats over the run) for all prompts submitted at once."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    with LLM(str(model_dir), attention_actors=attention, expert_actors=experts, dtype=dtype,
+             max_num_seqs=len(prompts)) as llm:
+        llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+        before = ray.get(llm.engine.replicas[0].actor.exchange_stats.remote())
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - t0
+        after = ray.get(llm.engine.replicas[0].actor.exchange_stats.remote())
+    tokens = sum(len(o.token_ids) for o in outs)
+    return tokens / elapsed, [x - y for x, y in zip(after, before)]
+
+
+def expert_parallel_suite(model_dir: Path, args) -> None:
+    cfg = load_model_config(model_dir)
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs for 3 actors on 2 cores
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(args.concurrency)]
+    base, _ = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 0)
+    ep, (exchange_s, exchanges) = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 2)
+    print(f"model {model_dir} ({args.dtype}), {args.concurrency} concurrent prompts of {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens each")
+    print(f"{'topology (attention x expert)':30} {'tokens/s':>10} {'vs 1x0':>8}")
+    print(f"{'1x0 (experts local)':30} {base:10.1f} {1.0:8.2f}")
+    print(f"{'1x2 (expert parallel)':30} {ep:10.1f} {ep / base:8.2f}")
+    n = max(exchanges, 1)
+    print(f"MoE-layer exchanges on attention-0: {exchanges}")
+    print(f"  dispatch -> combined results, incl. expert compute:  {exchange_s / n * 1e3:6.2f} ms each")
+    elapsed = args.concurrency * args.new_tokens / ep
+    print(f"  share of the 1x2 run from dispatch to combine:       {exchange_s / elapsed * 100:6.1f} %")
+
+
 def add_bench_subcommand(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark batch-1 decode against transformers and the bandwidth floor")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: a bench-small checkpoint)")
@@ -97,11 +135,18 @@ def add_bench_subcommand(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--suite", default="decode", choices=["decode", "expert-parallel"],
+                   help="decode: batch-1 decode vs transformers and the bandwidth floor; "
+                        "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts")
+    p.add_argument("--concurrency", type=int, default=32)
     p.set_defaults(func=main_bench)
 
 
 def main_bench(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model, args.preset, args.cache_dir)
+    if args.suite == "expert-parallel":
+        expert_parallel_suite(model_dir, args)
+        return 0
     cfg = load_model_config(model_dir)
     prompt = torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     bandwidth, gemv_bandwidth = measure_bandwidth()

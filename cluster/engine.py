@@ -76,7 +76,9 @@ class EngineCore:
         self.placement = None
 
         if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+            # A local cluster started here gets enough logical CPUs for every actor (they mostly wait on I/O).
+            logical_cpus = max(os.cpu_count() or 1, int((config.attention_actors + config.expert_actors) * config.num_cpus_per_actor) + 1)
+            ray.init(num_cpus=logical_cpus, include_dashboard=False, log_to_driver=False)
         try:
             self._start_actors(num_full, num_chunk, chunk)
         except BaseException:
@@ -89,7 +91,10 @@ class EngineCore:
         bounds = expert_split(cfg.num_experts, e) if e else None
         self.placement = placement = place(config, config.placement_timeout_s)
         self.namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
-        threads = config.torch_threads or max(1, (os.cpu_count() or 1) // (a + e))
+        # Attention and expert phases alternate within a step, so each role gets the cores to itself.
+        cores = os.cpu_count() or 1
+        attention_threads = config.torch_threads or max(1, cores // a)
+        expert_threads = config.torch_threads or max(1, cores // max(e, 1))
 
         def options(cls, name: str, bundle: int):
             return ray.remote(cls).options(
@@ -99,14 +104,16 @@ class EngineCore:
 
         for i, bundle in enumerate(placement.attention_bundles):
             actor = options(AttentionActor, f"attention-{i}", bundle).remote(
-                config.model, self.dtype, num_full, num_chunk, bs, threads, bounds, a
+                config.model, self.dtype, num_full, num_chunk, bs, attention_threads, bounds, a
             )
             blocks = BlockManager(num_full, num_chunk, bs, chunk, bool(cfg.full_layers), bool(cfg.chunked_layers))
             scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens)
             self.replicas.append(AttentionReplica(f"attention-{i}", actor, blocks, scheduler))
         for j, bundle in enumerate(placement.expert_bundles):
             self.experts.append(
-                options(ExpertShardActor, f"expert-{j}", bundle).remote(config.model, self.dtype, bounds, j, threads)
+                options(ExpertShardActor, f"expert-{j}", bundle).remote(
+                    config.model, self.dtype, bounds, j, expert_threads
+                )
             )
         self.actor_names = {**{r.actor: r.name for r in self.replicas}, **{x: f"expert-{j}" for j, x in enumerate(self.experts)}}
         self.actor_info = dict(zip(self.actor_names.values(), self._gather([x.ready.remote() for x in self.actor_names])))
@@ -201,8 +208,9 @@ class EngineCore:
             return []
         # With expert actors every rank joins every step's collectives, idle attention actors included.
         stepping = [(r, sch) for r, sch in plans if sch or self.experts]
-        refs = [r.actor.step.remote(StepBatch([s for _, s in sch])) for r, sch in stepping]
-        refs += [x.run_step.remote() for x in self.experts]
+        capacity = max(sum(len(s.token_ids) for _, s in sch) for _, sch in plans) * self.model_cfg.num_experts_per_tok
+        refs = [r.actor.step.remote(StepBatch([s for _, s in sch], capacity)) for r, sch in stepping]
+        refs += [x.run_step.remote(capacity) for x in self.experts]
         try:
             results = self._gather(refs)
         except DataPlaneError as err:
