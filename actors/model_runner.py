@@ -39,18 +39,15 @@ class ModelRunner:
         ctx_slots, ctx_pos, write_rows, write_slots = [], [], [], []
         row = 0
         for s in seqs:
-            if pool == "full":
-                ctx = range(0, s.start_pos)
-                slots = _slots(s.full_blocks, ctx, 0, bs)
-                write_from = s.start_pos
-                write = _slots(s.full_blocks, range(s.start_pos, s.end_pos), 0, bs)
-            else:
-                base = self.chunk_start(s.start_pos)
-                ctx = range(base, s.start_pos)
-                slots = _slots(s.chunk_read_blocks, ctx, base, bs)
-                # Only the last chunk's tokens outlive this step (positions [chunk_start(end), end)).
-                write_from = max(s.start_pos, self.chunk_start(s.end_pos))
-                write = _slots(s.chunk_write_blocks, range(write_from, s.end_pos), self.chunk_start(s.end_pos), bs)
+            if pool == "full":  # every position [0, end)
+                read_base, read_blocks, write_base, write_blocks = 0, s.full_blocks, 0, s.full_blocks
+            else:  # the current chunk; only the last chunk's tokens outlive this step
+                read_base, read_blocks = self.chunk_start(s.start_pos), s.chunk_read_blocks
+                write_base, write_blocks = self.chunk_start(s.end_pos), s.chunk_write_blocks
+            ctx = range(read_base, s.start_pos)
+            slots = _slots(read_blocks, ctx, read_base, bs)
+            write_from = max(s.start_pos, write_base)
+            write = _slots(write_blocks, range(write_from, s.end_pos), write_base, bs)
             ctx_slots.append(slots)
             ctx_pos.append(list(ctx))
             write_rows.extend(range(row + write_from - s.start_pos, row + len(s.token_ids)))
@@ -106,38 +103,35 @@ class ModelRunner:
         token_ids, meta = self.build_meta(batch)
         hidden = self.model.forward(token_ids, meta, self.kv)  # [T, H]
         outputs = [SeqOutput(seq_id=s.seq_id) for s in batch.seqs]
+        starts = [0]
+        for s in batch.seqs:
+            starts.append(starts[-1] + len(s.token_ids))  # first row of each sequence; starts[-1] = T
 
-        # Prompt logprobs: rows whose next token is known.
-        rows, targets, owners, start = [], [], [], 0
-        for b, s in enumerate(batch.seqs):
-            n = len(s.logprob_targets)
-            rows.extend(range(start, start + n))
-            targets.extend(s.logprob_targets)
-            owners.extend([b] * n)
-            start += len(s.token_ids)
+        # Prompt logprobs: rows whose next token is known (the first len(logprob_targets) rows of a sequence).
+        rows = [r for b, s in enumerate(batch.seqs) for r in range(starts[b], starts[b] + len(s.logprob_targets))]
         if rows:
-            lp, _, _ = token_logprobs(self.model.logits(hidden[rows]), torch.tensor(targets, dtype=torch.long))
-            for b, value in zip(owners, lp.tolist()):
-                outputs[b].prompt_logprobs.append(value)
+            targets = torch.tensor([t for s in batch.seqs for t in s.logprob_targets], dtype=torch.long)
+            lp, _, _ = token_logprobs(self.model.logits(hidden[rows]), targets)
+            values = iter(lp.tolist())
+            for out, s in zip(outputs, batch.seqs):
+                out.prompt_logprobs = [next(values) for _ in s.logprob_targets]
 
-        # Sampling: the last token of every sequence that samples this step.
-        sampling = [(b, s) for b, s in enumerate(batch.seqs) if s.sampling is not None]
-        if not sampling:
-            return outputs
-        last_rows, offset = [], 0
-        ends = {}
-        for b, s in enumerate(batch.seqs):
-            offset += len(s.token_ids)
-            ends[b] = offset - 1
-        last_rows = [ends[b] for b, _ in sampling]
-        logits = self.model.logits(hidden[last_rows]).float()  # [N, V]
-        specs = [s.sampling for _, s in sampling]
-        uniform = torch.stack(
-            [
-                torch.rand((), generator=torch.Generator().manual_seed((sp.seed * _SEED_STRIDE + s.num_generated) % 2**63))
-                for (_, s), sp in zip(sampling, specs)
-            ]
-        )
+        # Sampling: from the last row of every sequence that samples this step.
+        sampling = [b for b, s in enumerate(batch.seqs) if s.sampling is not None]
+        if sampling:
+            logits = self.model.logits(hidden[[starts[b + 1] - 1 for b in sampling]]).float()  # [N, V]
+            self._sample([batch.seqs[b] for b in sampling], logits, [outputs[b] for b in sampling])
+        return outputs
+
+    @staticmethod
+    def _sample(seqs: list[SeqStep], logits: torch.Tensor, outputs: list[SeqOutput]) -> None:
+        specs = [s.sampling for s in seqs]
+        # One generator per row, seeded by (request seed, tokens generated so far): the draw depends on nothing
+        # else in the batch, and a preempted request redraws the same token.
+        uniform = torch.stack([
+            torch.rand((), generator=torch.Generator().manual_seed((sp.seed * _SEED_STRIDE + s.num_generated) % 2**63))
+            for s, sp in zip(seqs, specs)
+        ])
         chosen = sample_tokens(
             logits,
             torch.tensor([sp.temperature for sp in specs]),
@@ -145,14 +139,12 @@ class ModelRunner:
             torch.tensor([sp.top_p for sp in specs]),
             uniform,
         )
-        want = [sp.logprobs for sp in specs if sp.logprobs is not None]
-        if want:
-            lp, top_v, top_i = token_logprobs(logits, chosen, max(want))
-        for j, ((b, _), sp) in enumerate(zip(sampling, specs)):
-            out = outputs[b]
+        num_top = max((sp.logprobs for sp in specs if sp.logprobs is not None), default=None)
+        if num_top is not None:
+            lp, top_v, top_i = token_logprobs(logits, chosen, num_top)
+        for j, (sp, out) in enumerate(zip(specs, outputs)):
             out.token_id = int(chosen[j])
             if sp.logprobs is not None:
                 out.logprob = float(lp[j])
                 if sp.logprobs > 0:
                     out.top_logprobs = list(zip(top_i[j, : sp.logprobs].tolist(), top_v[j, : sp.logprobs].tolist()))
-        return outputs

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..actors.config import parse_model_config
+from ..actors.weights import text_weight_shapes
 from .presets import PRESETS, get_preset
 from .tokenizer_files import write_tokenizer_files
 
@@ -46,46 +48,16 @@ def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
     return TensorSpec(name, (out_features, in_features), "normal", in_features ** -0.5)
 
 
-def _text_specs(tc: dict, tie_word_embeddings: bool) -> list[TensorSpec]:
-    hidden, head_dim = tc["hidden_size"], tc["head_dim"]
-    q_dim, kv_dim = tc["num_attention_heads"] * head_dim, tc["num_key_value_heads"] * head_dim
-    experts, inter = tc["num_local_experts"], tc["intermediate_size"]
-    moe_layers = tc.get("moe_layers")
-    if moe_layers is None:
-        step = tc.get("interleave_moe_layer_step", 1)
-        moe_layers = list(range(step - 1, tc["num_hidden_layers"], step))
-    p = "language_model.model"
-    specs = [TensorSpec(f"{p}.embed_tokens.weight", (tc["vocab_size"], hidden), "normal", 1.0)]
-    for i in range(tc["num_hidden_layers"]):
-        lp = f"{p}.layers.{i}"
-        specs += [
-            _linear(f"{lp}.self_attn.q_proj.weight", q_dim, hidden),
-            _linear(f"{lp}.self_attn.k_proj.weight", kv_dim, hidden),
-            _linear(f"{lp}.self_attn.v_proj.weight", kv_dim, hidden),
-            _linear(f"{lp}.self_attn.o_proj.weight", hidden, q_dim),
-            TensorSpec(f"{lp}.input_layernorm.weight", (hidden,), "norm"),
-            TensorSpec(f"{lp}.post_attention_layernorm.weight", (hidden,), "norm"),
-        ]
-        if i in moe_layers:
-            fp = f"{lp}.feed_forward"
-            specs += [
-                TensorSpec(f"{fp}.experts.gate_up_proj", (experts, hidden, 2 * inter), "normal", hidden ** -0.5),
-                TensorSpec(f"{fp}.experts.down_proj", (experts, inter, hidden), "normal", inter ** -0.5),
-                _linear(f"{fp}.router.weight", experts, hidden),
-                _linear(f"{fp}.shared_expert.gate_proj.weight", inter, hidden),
-                _linear(f"{fp}.shared_expert.up_proj.weight", inter, hidden),
-                _linear(f"{fp}.shared_expert.down_proj.weight", hidden, inter),
-            ]
-        else:
-            mlp = tc["intermediate_size_mlp"]
-            specs += [
-                _linear(f"{lp}.feed_forward.gate_proj.weight", mlp, hidden),
-                _linear(f"{lp}.feed_forward.up_proj.weight", mlp, hidden),
-                _linear(f"{lp}.feed_forward.down_proj.weight", hidden, mlp),
-            ]
-    specs.append(TensorSpec(f"{p}.norm.weight", (hidden,), "norm"))
-    if not tie_word_embeddings:
-        specs.append(_linear("language_model.lm_head.weight", tc["vocab_size"], hidden))
+def _text_specs(config: dict) -> list[TensorSpec]:
+    """The text model's tensors: names and shapes from the loader's own table, so maker and loader agree."""
+    specs = []
+    for name, shape in text_weight_shapes(parse_model_config(config)).items():
+        if name.endswith("embed_tokens.weight"):
+            specs.append(TensorSpec(name, shape, "normal", 1.0))
+        elif len(shape) == 1:
+            specs.append(TensorSpec(name, shape, "bias" if name.endswith(".bias") else "norm"))
+        else:  # [out, in] linears and [E, in, out] experts: fan-in is shape[1]
+            specs.append(TensorSpec(name, shape, "normal", shape[1] ** -0.5))
     return specs
 
 
@@ -123,8 +95,7 @@ def _vision_specs(vc: dict, text_hidden: int) -> list[TensorSpec]:
 def tensor_specs(config: dict) -> list[TensorSpec]:
     """Every tensor of the checkpoint for a ``config.json`` dict, sorted by name (transformers' save order)."""
     tc, vc = config["text_config"], config["vision_config"]
-    tie = config.get("tie_word_embeddings", tc.get("tie_word_embeddings", False))
-    return sorted(_text_specs(tc, tie) + _vision_specs(vc, tc["hidden_size"]), key=lambda s: s.name)
+    return sorted(_text_specs(config) + _vision_specs(vc, tc["hidden_size"]), key=lambda s: s.name)
 
 
 def _make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 import uuid
 
 from dataclasses import dataclass
@@ -77,8 +78,8 @@ class EngineCore:
 
         if not ray.is_initialized():
             # A local cluster started here gets enough logical CPUs for every actor (they mostly wait on I/O).
-            logical_cpus = max(os.cpu_count() or 1, int((config.attention_actors + config.expert_actors) * config.num_cpus_per_actor) + 1)
-            ray.init(num_cpus=logical_cpus, include_dashboard=False, log_to_driver=False)
+            needed = (config.attention_actors + config.expert_actors) * config.num_cpus_per_actor
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(needed) + 1), include_dashboard=False, log_to_driver=False)
         try:
             self._start_actors(num_full, num_chunk, chunk)
         except BaseException:
@@ -115,8 +116,8 @@ class EngineCore:
                     config.model, self.dtype, bounds, j, expert_threads
                 )
             )
-        self.actor_names = {**{r.actor: r.name for r in self.replicas}, **{x: f"expert-{j}" for j, x in enumerate(self.experts)}}
-        self.actor_info = dict(zip(self.actor_names.values(), self._gather([x.ready.remote() for x in self.actor_names])))
+        named = [(r.name, r.actor) for r in self.replicas] + [(f"expert-{j}", x) for j, x in enumerate(self.experts)]
+        self.actor_info = dict(zip([n for n, _ in named], self._gather([x.ready.remote() for _, x in named])))
         if e:
             master = ray.get(self.replicas[0].actor.master_address.remote(), timeout=config.collective_timeout_s)
             world, timeout = a + e, config.collective_timeout_s
@@ -131,11 +132,12 @@ class EngineCore:
 
     def _gather(self, refs: list) -> list:
         """ray.get with the collective timeout, failing at the first error instead of waiting for the rest."""
-        pending, deadline = list(refs), self.config.collective_timeout_s + 30.0
+        limit = self.config.collective_timeout_s + 30.0  # the actors' own collectives time out first
+        pending, deadline = list(refs), time.monotonic() + limit
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=deadline)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                raise DataPlaneError(f"a data-plane step did not finish within {deadline:.0f} s (collective_timeout_s)")
+                raise DataPlaneError(f"a data-plane call did not finish within {limit:.0f} s (collective_timeout_s + 30)")
             try:
                 ray.get(ready[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
