@@ -15,6 +15,9 @@ class SamplingSpec:
     top_k: int = 0  # <= 0: off
     seed: int = 0  # with the number of tokens generated so far, seeds this row's generator
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token's logprob plus n alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
 
 
 @dataclass
@@ -36,6 +39,9 @@ class SeqStep:
     sampling: SamplingSpec | None = None  # None: a prompt chunk that ends before the prompt does
     num_generated: int = 0
     logprob_targets: list[int] = field(default_factory=list)  # tokens after positions start_pos.. (prompt logprobs)
+    # Only when the sequence samples with penalties: the ids they look at (prompt ids only for repetition).
+    penalty_prompt_ids: list[int] = field(default_factory=list)
+    penalty_output_ids: list[int] = field(default_factory=list)
 
     @property
     def end_pos(self) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from ..kernels.attention import attention_mask
 from ..kernels.rope import rope_freqs_cis, rope_inv_freq, temperature_scales
-from ..kernels.sampling import sample_tokens, token_logprobs
+from ..kernels.sampling import apply_penalties, sample_tokens, token_logprobs
 from .batch import SeqOutput, SeqStep, StepBatch
 from .config import ModelConfig
 from .kv_cache import KVCache
@@ -133,12 +133,13 @@ class ModelRunner:
             for s, sp in zip(seqs, specs)
         ])
         chosen = sample_tokens(
-            logits,
+            _penalized(seqs, logits) if any(s.penalty_output_ids or s.penalty_prompt_ids for s in seqs) else logits,
             torch.tensor([sp.temperature for sp in specs]),
             torch.tensor([sp.top_k for sp in specs]),
             torch.tensor([sp.top_p for sp in specs]),
             uniform,
         )
+        # Logprobs describe the raw model distribution, before penalties, temperature and filtering.
         num_top = max((sp.logprobs for sp in specs if sp.logprobs is not None), default=None)
         if num_top is not None:
             lp, top_v, top_i = token_logprobs(logits, chosen, num_top)
@@ -148,3 +149,20 @@ class ModelRunner:
                 out.logprob = float(lp[j])
                 if sp.logprobs > 0:
                     out.top_logprobs = list(zip(top_i[j, : sp.logprobs].tolist(), top_v[j, : sp.logprobs].tolist()))
+
+
+def _penalized(seqs: list[SeqStep], logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] with each row's presence/frequency/repetition penalties applied."""
+    n, vocab = logits.shape
+    prompt_mask = torch.zeros(n, vocab, dtype=torch.bool)
+    counts = torch.zeros(n, vocab, dtype=torch.float32)
+    for row, s in enumerate(seqs):
+        prompt_mask[row, s.penalty_prompt_ids] = True
+        counts[row].index_add_(0, torch.tensor(s.penalty_output_ids, dtype=torch.long), torch.ones(len(s.penalty_output_ids)))
+    specs = [s.sampling for s in seqs]
+    return apply_penalties(
+        logits, prompt_mask, counts,
+        torch.tensor([sp.presence_penalty for sp in specs]),
+        torch.tensor([sp.frequency_penalty for sp in specs]),
+        torch.tensor([sp.repetition_penalty for sp in specs]),
+    )

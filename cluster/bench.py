@@ -7,6 +7,7 @@ checkpoint, and the memory-bandwidth floor (weight bytes a decode step must read
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from pathlib import Path
 
@@ -106,13 +107,69 @@ def throughput(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype
     return tokens / elapsed, [x - y for x, y in zip(after, before)]
 
 
-def expert_parallel_suite(model_dir: Path, args) -> None:
-    cfg = load_model_config(model_dir)
+async def _serve_concurrently(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list, list]:
+    """(seconds for all, time to first token of each request, gaps between its later tokens)."""
+    ttft, itl = [], []
+
+    async def one(prompt):
+        t0 = last = time.perf_counter()
+        async for out in engine.generate(prompt, params):
+            now = time.perf_counter()
+            if out.num_generated_tokens == len(out.token_ids):
+                ttft.append(now - t0)
+            else:
+                itl.extend([(now - last) / len(out.token_ids)] * len(out.token_ids))
+            last = now
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts))
+    return time.perf_counter() - t0, ttft, itl
+
+
+def transformers_batch_tps(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str) -> float:
+    """transformers `generate` on all prompts in one batch (equal lengths: no padding involved)."""
+    from transformers import Llama4ForConditionalGeneration
+
+    model = Llama4ForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    ids = torch.tensor(prompts)
+    with torch.inference_mode():
+        model.generate(ids[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return len(prompts) * new_tokens / (time.perf_counter() - t0)
+
+
+def _percentiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3  # noqa: E731
+    return f"p50 {pick(0.5):7.1f}  p90 {pick(0.9):7.1f}  p99 {pick(0.99):7.1f} ms"
+
+
+def concurrency_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
+    from .async_engine import AsyncEngine
+    from .config import EngineConfig
+
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+    engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype=args.dtype, max_num_seqs=len(prompts)))
+    try:
+        asyncio.run(_serve_concurrently(engine, prompts[:2], SamplingParams(max_tokens=2, temperature=0)))  # warm-up
+        elapsed, ttft, itl = asyncio.run(_serve_concurrently(engine, prompts, params))
+    finally:
+        engine.shutdown()
+    ours = len(prompts) * args.new_tokens / elapsed
+    ref = transformers_batch_tps(model_dir, prompts, args.new_tokens, args.dtype)
+    print(f"model {model_dir} ({args.dtype}), {len(prompts)} concurrent requests of {args.prompt_tokens} prompt "
+          f"tokens, {args.new_tokens} new tokens each, {torch.get_num_threads()} threads")
+    print(f"{'':36} {'tokens/s':>10} {'ours / this':>12}")
+    print(f"{'llama4serve (AsyncEngine, 1x0)':36} {ours:10.1f} {1.0:12.2f}")
+    print(f"{'transformers generate (one batch)':36} {ref:10.1f} {ours / ref:12.2f}")
+    print(f"time to first token    {_percentiles(ttft)}")
+    print(f"inter-token latency    {_percentiles(itl)}")
+
+
+def expert_parallel_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs for 3 actors on 2 cores
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=g).tolist()
-               for _ in range(args.concurrency)]
     base, _ = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 0)
     ep, (exchange_s, exchanges) = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 2)
     print(f"model {model_dir} ({args.dtype}), {args.concurrency} concurrent prompts of {args.prompt_tokens} tokens, "
@@ -135,8 +192,10 @@ def add_bench_subcommand(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--suite", default="decode", choices=["decode", "expert-parallel"],
+    p.add_argument("--suite", default="decode", choices=["decode", "concurrency", "expert-parallel"],
                    help="decode: batch-1 decode vs transformers and the bandwidth floor; "
+                        "concurrency: --concurrency streamed requests vs transformers generate on one batch, "
+                        "with time to first token and inter-token latency; "
                         "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts")
     p.add_argument("--concurrency", type=int, default=32)
     p.set_defaults(func=main_bench)
@@ -144,11 +203,17 @@ def add_bench_subcommand(subparsers) -> None:
 
 def main_bench(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model, args.preset, args.cache_dir)
-    if args.suite == "expert-parallel":
-        expert_parallel_suite(model_dir, args)
-        return 0
     cfg = load_model_config(model_dir)
-    prompt = torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=g).tolist()
+               for _ in range(args.concurrency)]
+    if args.suite == "expert-parallel":
+        expert_parallel_suite(model_dir, prompts, args)
+        return 0
+    if args.suite == "concurrency":
+        concurrency_suite(model_dir, prompts, args)
+        return 0
+    prompt = prompts[0]
     bandwidth, gemv_bandwidth = measure_bandwidth()
     step_bytes = decode_weight_bytes(cfg, args.dtype)
     floor_tps = bandwidth / step_bytes

@@ -7,12 +7,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class EngineConfig(BaseModel):
-    """One model instance: its checkpoint, topology, KV cache and batching limits."""
+class EngineOptions(BaseModel):
+    """How one model instance runs: topology, KV cache and batching limits (everything but the checkpoint)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Directory of a Llama 4 checkpoint in the Hugging Face layout.")
     attention_actors: int = Field(1, ge=1, le=64, description="Attention actors (data parallel over requests).")
     expert_actors: int = Field(0, ge=0, le=512, description="Expert shard actors; 0 keeps experts in the attention actor.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -48,3 +47,9 @@ class EngineConfig(BaseModel):
         180.0, gt=0, description="Timeout of every collective and of every step: a dead peer raises, never hangs."
     )
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for Ray to place the actors.")
+
+
+class EngineConfig(EngineOptions):
+    """One model instance: its checkpoint plus the options it runs with."""
+
+    model: str = Field(description="Directory of a Llama 4 checkpoint in the Hugging Face layout.")

@@ -3,6 +3,7 @@ Ray (one call per step with a small payload), and applies stop conditions."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import random
@@ -144,6 +145,16 @@ class EngineCore:
                 raise DataPlaneError(f"data-plane actor failed: {err}") from err
         return ray.get(refs)
 
+    async def _gather_async(self, refs: list) -> list:
+        """`_gather` for asyncio: the same deadline, failing at the first error."""
+        limit = self.config.collective_timeout_s + 30.0
+        try:
+            return await asyncio.wait_for(asyncio.gather(*refs), timeout=limit)
+        except asyncio.TimeoutError:
+            raise DataPlaneError(f"a data-plane call did not finish within {limit:.0f} s (collective_timeout_s + 30)") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise DataPlaneError(f"data-plane actor failed: {err}") from err
+
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -181,7 +192,7 @@ class EngineCore:
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
-        self._check_alive()
+        self.check_alive()
         seq = Sequence(seq_id=next(self._ids), prompt_ids=prompt_ids, params=params, seed=seed)
         replica = min(self.replicas, key=AttentionReplica.load)  # data parallel: the least loaded actor
         replica.scheduler.add(seq)
@@ -197,37 +208,66 @@ class EngineCore:
     def has_work(self) -> bool:
         return any(r.scheduler.has_work() for r in self.replicas)
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
         if self.failure:
             raise DataPlaneError(f"this model instance is down: {self.failure}")
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that finished in it."""
-        self._check_alive()
+        plan, refs = self.launch_step()
+        if not refs:
+            return []
+        try:
+            results = self._gather(refs)
+        except DataPlaneError as err:
+            self.fail(err)
+            raise
+        return self.apply_step(plan, results)
+
+    async def step_async(self) -> list[Sequence]:
+        """`step` for an asyncio caller: awaits the actors instead of blocking the event loop."""
+        plan, refs = self.launch_step()
+        if not refs:
+            return []
+        try:
+            results = await self._gather_async(refs)
+        except DataPlaneError as err:
+            self.fail(err)
+            raise
+        return self.apply_step(plan, results)
+
+    def launch_step(self) -> tuple[list, list]:
+        """Schedules a step on every attention actor and starts it; ([(replica, scheduled)], refs)."""
+        self.check_alive()
         plans = [(r, r.scheduler.schedule()) for r in self.replicas]
         if not any(scheduled for _, scheduled in plans):
-            return []
+            return [], []
         # With expert actors every rank joins every step's collectives, idle attention actors included.
         stepping = [(r, sch) for r, sch in plans if sch or self.experts]
         capacity = max(sum(len(s.token_ids) for _, s in sch) for _, sch in plans) * self.model_cfg.num_experts_per_tok
         refs = [r.actor.step.remote(StepBatch([s for _, s in sch], capacity)) for r, sch in stepping]
         refs += [x.run_step.remote(capacity) for x in self.experts]
-        try:
-            results = self._gather(refs)
-        except DataPlaneError as err:
-            self.failure = str(err)
-            self.shutdown()
-            raise
+        return stepping, refs
+
+    def apply_step(self, stepping: list, results: list) -> list[Sequence]:
+        """Records a finished step's tokens; returns the sequences that finished in it."""
         finished = []
         for (replica, scheduled), outputs in zip(stepping, results):
             for (seq, step), out in zip(scheduled, outputs):
+                if seq.finish_reason is not None:  # aborted while the step ran
+                    continue
                 seq.num_computed = step.end_pos
                 replica.blocks.finish_step(seq.seq_id)
                 seq.prompt_logprobs.extend(out.prompt_logprobs)
                 if out.token_id is not None and self._append(replica, seq, out):
                     finished.append(seq)
         return finished
+
+    def fail(self, err: DataPlaneError) -> None:
+        """Marks the instance down (every later call raises) and releases its actors."""
+        self.failure = str(err)
+        self.shutdown()
 
     def _append(self, replica: AttentionReplica, seq: Sequence, out) -> bool:
         """Adds a sampled token; finishes the sequence when a stop condition holds. True if it finished."""

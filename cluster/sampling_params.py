@@ -13,6 +13,10 @@ class SamplingParams:
 
     logprobs: None (off), True/0 (log-probability of each generated token), or n in 1..20 (also the n most
     likely alternatives). prompt_logprobs: one float per prompt token, None for the first.
+    presence_penalty / frequency_penalty (-2..2) work as in the OpenAI API: subtracted from the logit of every
+    token already generated, once / once per occurrence. repetition_penalty (> 0, 1 is off) works as in
+    transformers and vLLM: logits of tokens in the prompt or output are divided by it when positive and
+    multiplied when negative. Logprobs are always those of the raw model distribution.
     """
 
     max_tokens: int = 16
@@ -25,6 +29,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool | int | None = None
     prompt_logprobs: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         def bad(name, value, allowed):
@@ -53,6 +60,17 @@ class SamplingParams:
             self.logprobs = None
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"None, True, or an integer 0..{MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                bad(name, value, "-2..2")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 10:
+            bad("repetition_penalty", r, "(0, 10] (1 is off)")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def is_greedy(self) -> bool:

@@ -39,7 +39,8 @@ class Sequence:
 
     def sampling_spec(self) -> SamplingSpec:
         p = self.params
-        return SamplingSpec(p.temperature, p.top_p, p.top_k, self.seed, p.logprobs)
+        return SamplingSpec(p.temperature, p.top_p, p.top_k, self.seed, p.logprobs, p.presence_penalty,
+                            p.frequency_penalty, p.repetition_penalty)
 
 
 class Scheduler:
@@ -86,6 +87,8 @@ class Scheduler:
         if seq.params.prompt_logprobs:
             # next-token targets for positions [start, end) that lie inside the prompt
             targets = seq.prompt_ids[start + 1 : min(end, len(seq.prompt_ids) - 1) + 1]
+        samples = end == seq.num_tokens
+        penalized = samples and seq.params.has_penalties
         return SeqStep(
             seq_id=seq.seq_id,
             token_ids=seq.all_ids[start:end],
@@ -93,9 +96,11 @@ class Scheduler:
             full_blocks=full,
             chunk_read_blocks=read,
             chunk_write_blocks=write,
-            sampling=seq.sampling_spec() if end == seq.num_tokens else None,
+            sampling=seq.sampling_spec() if samples else None,
             num_generated=len(seq.output_ids),
             logprob_targets=targets,
+            penalty_prompt_ids=seq.prompt_ids if penalized and seq.params.repetition_penalty != 1 else [],
+            penalty_output_ids=seq.output_ids if penalized else [],
         )
 
     def schedule(self) -> list[tuple[Sequence, SeqStep]]:

@@ -50,3 +50,27 @@ def token_logprobs(
         return chosen, None, None
     top_values, top_ids = logp.topk(min(num_top, logits.shape[-1]), dim=-1)
     return chosen, top_values, top_ids
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+    repetition: torch.Tensor,
+) -> torch.Tensor:
+    """OpenAI presence/frequency penalties and the transformers/vLLM repetition penalty.
+
+    logits [B, V]; prompt_mask [B, V] bool (token occurs in the prompt); output_counts [B, V] (occurrences among
+    the generated tokens); presence, frequency, repetition [B]. Returns new logits [B, V]. The repetition
+    penalty touches every token seen in the prompt or output (divide positive logits, multiply negative ones);
+    presence and frequency touch generated tokens only: logit -= frequency * count + presence * (count > 0).
+    """
+    logits = logits.float()
+    counts = output_counts.to(logits.dtype)
+    generated = output_counts > 0
+    rep = repetition[:, None].to(logits.dtype)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | generated, penalized, logits)
+    return logits - frequency[:, None].to(logits.dtype) * counts - presence[:, None].to(logits.dtype) * generated
