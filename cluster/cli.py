@@ -1,4 +1,4 @@
-"""The ``llama4serve`` command line: one subcommand per task (checkpoint, generate, bench)."""
+"""The ``llama4serve`` command line: one subcommand per task (checkpoint, generate, bench, serve)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from .bench import add_bench_subcommand
 from .checkpoint_maker import add_checkpoint_subcommand
 from .generate import add_generate_subcommand
+from .serve_cli import add_serve_subcommand
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_subcommand(subparsers)
     add_generate_subcommand(subparsers)
     add_bench_subcommand(subparsers)
+    add_serve_subcommand(subparsers)
     return parser
 
 

@@ -31,6 +31,11 @@ from .tokenizer import Tokenizer
 
 
 
+def resolve_max_model_len(config: EngineConfig, cfg) -> int:
+    """The longest prompt + output one instance accepts: max_model_len, else what the model and cache allow."""
+    return config.max_model_len or min(cfg.max_position_embeddings, config.kv_cache_tokens)
+
+
 class DataPlaneError(RuntimeError):
     """A data-plane actor died or a step outlived the collective timeout; the instance must be restarted."""
 
@@ -64,7 +69,7 @@ class EngineCore:
         chunk = cfg.attention_chunk_size if cfg.chunked_layers else None
         if chunk is not None and chunk % bs:
             raise ValueError(f"block_size is {bs}; it must divide attention_chunk_size ({chunk})")
-        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, config.kv_cache_tokens)
+        self.max_model_len = resolve_max_model_len(config, cfg)
         num_full = config.num_full_blocks or -(-config.kv_cache_tokens // bs)
         per_seq_chunk = -(-min(chunk or bs, self.max_model_len) // bs) + 1
         num_chunk = config.num_chunk_blocks or per_seq_chunk * config.max_num_seqs

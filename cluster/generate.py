@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 from .checkpoint_maker import write_checkpoint
@@ -11,12 +14,21 @@ from .sampling_params import SamplingParams
 
 
 def resolve_model(model: Path | None, preset: str, cache_dir: Path) -> Path:
-    """`model` when given; otherwise a random checkpoint of `preset`, written once into `cache_dir`."""
+    """`model` when given; otherwise a random checkpoint of `preset`, written once into `cache_dir`.
+
+    Safe when several processes ask at once (an Ingress and Engine replicas): each writes into its own temporary
+    folder and renames it into place; the same preset and seed give the same bytes, so whichever lands wins.
+    """
     if model is not None:
         return model
     path = cache_dir / preset
     if not (path / "config.json").is_file():
-        write_checkpoint(path, preset)
+        tmp = cache_dir / f".{preset}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        write_checkpoint(tmp, preset)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -1,0 +1,73 @@
+"""The Ray Serve application: `build_app(args) -> Application` for `serve run`, `serve deploy`, KubeRay
+`serveConfigV2` (`import_path: llama4serve.cluster.app:build_app`) and `llama4serve serve`.
+
+Two deployments: `Ingress` (the OpenAI-compatible FastAPI app on the HTTP proxy and the gRPC servicer methods on
+the gRPC proxy) and `Engine` (one replica = one model instance with its data-plane actors). The ingress reaches
+the engine replicas through a streaming DeploymentHandle.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from .engine import resolve_max_model_len
+from .engine_deployment import Engine, EngineClient
+from .grpc_service import GrpcIngressMixin
+from .openai_api import build_fastapi_app
+from .serve_config import ServeConfig
+from .tokenizer import Tokenizer
+from ..actors.config import load_model_config
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()  # the FastAPI app is built per replica, in __serve_build_asgi_app__
+class Ingress(GrpcIngressMixin):
+    """Implements openai_api.ServingContext (HTTP) and grpc_service.GrpcIngressHost (gRPC)."""
+
+    def __init__(self, engine_handle, config: ServeConfig):
+        self._handle = engine_handle
+        self.engine = EngineClient(engine_handle)
+        model_dir = config.model_dir()
+        self.model_name = config.model_name()
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self.max_model_len = resolve_max_model_len(config.engine_config(), load_model_config(model_dir))
+        self.api_key = config.resolved_api_key()
+        self.max_queued_requests = config.max_queued_requests
+        self.max_request_bytes = config.max_request_bytes
+        self.max_n = config.max_n
+        self._grpc_in_flight = 0
+
+    def __serve_build_asgi_app__(self):
+        return build_fastapi_app(self)
+
+    # ServingContext
+    def generate(self, prompt, params, request_id):
+        return self.engine.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self._handle.check_health.remote()
+
+    # GrpcIngressHost: the gRPC side's bound of requests in flight (HTTP keeps its own, of the same size)
+    def try_admit(self) -> bool:
+        if self._grpc_in_flight >= self.max_queued_requests:
+            return False
+        self._grpc_in_flight += 1
+        return True
+
+    def done(self) -> None:
+        self._grpc_in_flight -= 1
+
+
+def build_app(args: dict | ServeConfig | None = None) -> Application:
+    """The application for `args` (ServeConfig fields; unknown fields are an error)."""
+    config = args if isinstance(args, ServeConfig) else ServeConfig(**(args or {}))
+    # Serve's default of 5 ongoing requests per replica would queue requests in front of our own limits.
+    engine = Engine.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_num_seqs * config.attention_actors + config.max_queued_requests,
+    ).bind(config)
+    return Ingress.options(max_ongoing_requests=config.max_queued_requests + 16).bind(engine, config)

@@ -1,0 +1,92 @@
+"""`llama4serve serve`: start (or join) a Ray cluster, deploy the app, print the URLs, serve until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+
+from .serve_config import API_KEY_ENV, ServeConfig
+
+APP_NAME = "llama4serve"
+GRPC_SERVICERS = [
+    "llama4serve.protos.llama4serve_pb2_grpc.add_Llama4ServeServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+# CLI flag -> ServeConfig field, for the flags that override the config file when given.
+_FLAGS = ("model", "preset", "attention_actors", "expert_actors", "dtype", "max_model_len", "num_replicas",
+          "http_port", "grpc_port", "served_model_name")
+
+
+def add_serve_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over OpenAI-compatible HTTP and gRPC (Ray Serve)")
+    p.add_argument("--model", help="checkpoint directory (default: a random checkpoint of --preset)")
+    p.add_argument("--preset", help="preset made when --model is not given (default tiny-maverick)")
+    p.add_argument("--attention-actors", type=int)
+    p.add_argument("--expert-actors", type=int)
+    p.add_argument("--dtype")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--num-replicas", type=int, help="independent model instances")
+    p.add_argument("--served-model-name")
+    p.add_argument("--http-port", type=int, help="default 8000")
+    p.add_argument("--grpc-port", type=int, help="default 9000")
+    p.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy listens on (0.0.0.0 for all)")
+    p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:10001 (default: start a local one)")
+    p.add_argument("--config", type=Path, help="YAML file of ServeConfig fields; flags given override it")
+    p.set_defaults(func=main_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    overrides = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
+    if args.config is not None:
+        return ServeConfig.from_yaml(args.config, **overrides)
+    return ServeConfig(**overrides)
+
+
+def start_serve(config: ServeConfig, host: str = "127.0.0.1") -> None:
+    """Starts Serve's HTTP and gRPC proxies and deploys the app (Ray must be initialized)."""
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from .app import build_app
+
+    serve.start(
+        http_options={"host": host, "port": config.http_port},
+        grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+    )
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def main_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    config = config_from_args(args)
+    local = args.address is None
+    if local:
+        # Logical CPUs for every data-plane actor of every replica (they mostly wait on each other).
+        actors = (config.attention_actors + config.expert_actors) * config.num_replicas
+        ray.init(num_cpus=max(os.cpu_count() or 1, actors + 4), include_dashboard=False)
+    else:
+        ray.init(address=args.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, `ray job stop`, a pod's termination
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        start_serve(config, args.host)
+        shown = "0.0.0.0" if args.host == "0.0.0.0" else args.host
+        key = "set" if config.resolved_api_key() else f"none (set {API_KEY_ENV} to require one)"
+        print(f"llama4serve: serving {config.model_name()!r}", flush=True)
+        print(f"  OpenAI HTTP  http://{shown}:{config.http_port}/v1  (health: /health, docs: /docs)", flush=True)
+        print(f"  gRPC         {shown}:{config.grpc_port}  (llama4serve.v1.Llama4Serve, grpc.health.v1)", flush=True)
+        print(f"  API key      {key}", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)  # the Engine replicas release their actors and placement groups
+        if local:
+            serve.shutdown()
+            ray.shutdown()
+    return 0
