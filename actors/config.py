@@ -22,6 +22,71 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """Vision tower shape (`Llama4VisionConfig`): tiles of `image_size` px, `patch_size` px patches, a bidirectional
+    encoder with 2-D RoPE, pixel shuffle by `pixel_shuffle_ratio`, the adapter MLP and the projector to text."""
+
+    hidden_size: int
+    intermediate_size: int  # encoder MLP; also the pixel-shuffled width the adapter's fc1 reads
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_channels: int
+    image_size: int  # tile side in pixels
+    patch_size: int
+    pixel_shuffle_ratio: float
+    projector_input_dim: int
+    projector_output_dim: int
+    vision_output_dim: int  # multi_modal_projector.linear_1 input
+    rope_theta: float
+    norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+    square: bool = True  # image_size given as one int (or equal sides)
+
+    def validate(self) -> None:
+        """Raises ValueError unless modeling_llama4 can run images through this shape: square tiles, a patch grid
+        that pixel-shuffles evenly, `hidden_size / pixel_shuffle_ratio**2 == intermediate_size` (the adapter's fc1
+        input) and a head_dim divisible by 4 (2-D RoPE splits it over x and y)."""
+        w = "config.json: vision_config."
+        if self.hidden_act != "gelu":
+            raise ValueError(f"{w}hidden_act is {self.hidden_act!r}; only 'gelu' is supported")
+        side, ratio = self.patches_per_side, self.pixel_shuffle_ratio
+        if not self.square or self.image_size % self.patch_size or side * ratio != int(side * ratio):
+            raise ValueError(
+                f"{w}image_size {self.image_size} must be one int, a multiple of patch_size {self.patch_size}, "
+                f"whose {side} patches per side shuffle evenly by pixel_shuffle_ratio {ratio}"
+            )
+        if int(self.hidden_size / ratio**2) != self.intermediate_size:
+            raise ValueError(
+                f"{w}intermediate_size is {self.intermediate_size}; the pixel-shuffle adapter reads "
+                f"hidden_size / pixel_shuffle_ratio**2 = {int(self.hidden_size / ratio**2)} features"
+            )
+        if self.hidden_size % self.num_attention_heads or self.head_dim % 4:
+            raise ValueError(
+                f"{w}hidden_size {self.hidden_size} / num_attention_heads {self.num_attention_heads} must give a "
+                "head_dim divisible by 4 (2-D RoPE over x and y)"
+            )
+        if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
+            raise ValueError(
+                f"{w}projector_input_dim {self.projector_input_dim}, projector_output_dim "
+                f"{self.projector_output_dim} and vision_output_dim {self.vision_output_dim} must be equal (the "
+                "adapter's fc2 is square and multi_modal_projector reads its output)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """`<|patch|>` tokens one tile becomes after pixel shuffle (144 for the released 336 px / 14 px / 0.5)."""
+        return int(self.patches_per_side**2 * self.pixel_shuffle_ratio**2)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Text-model shape of a Llama 4 checkpoint. Names follow `Llama4TextConfig`; `num_experts` is global."""
 
@@ -53,6 +118,9 @@ class ModelConfig:
     pad_token_id: int | None
     image_token_index: int | None = None
     torch_dtype: str = "float32"
+    vision: VisionConfig | None = None  # None: text-only checkpoint (no `vision_config`)
+    boi_token_index: int | None = None  # <|image_start|>
+    eoi_token_index: int | None = None  # <|image_end|>
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx in self.moe_layers
@@ -92,6 +160,33 @@ def _rope_config(text: dict) -> RopeConfig:
         original_max_position_embeddings=int(
             params.get("original_max_position_embeddings", text.get("max_position_embeddings", 8192))
         ),
+    )
+
+
+def parse_vision_config(cfg: dict) -> VisionConfig | None:
+    """The `vision_config` of a parsed `config.json` (None when absent); defaults are Llama4VisionConfig's. Lenient,
+    so a text-only deployment never fails on the vision part: `VisionConfig.validate()` checks it before use."""
+    vision = cfg.get("vision_config")
+    if not vision:
+        return None
+    image_size, patch_size = vision.get("image_size", 448), vision.get("patch_size", 14)
+    rope = vision.get("rope_parameters") or {}
+    return VisionConfig(
+        hidden_size=int(vision.get("hidden_size", 768)),
+        intermediate_size=int(vision.get("intermediate_size", 5632)),
+        num_hidden_layers=int(vision.get("num_hidden_layers", 34)),
+        num_attention_heads=int(vision.get("num_attention_heads", 16)),
+        num_channels=int(vision.get("num_channels", 3)),
+        image_size=int(image_size[0]) if isinstance(image_size, (list, tuple)) else int(image_size),
+        patch_size=int(patch_size[0]) if isinstance(patch_size, (list, tuple)) else int(patch_size),
+        pixel_shuffle_ratio=float(vision.get("pixel_shuffle_ratio", 0.5)),
+        projector_input_dim=int(vision.get("projector_input_dim", 4096)),
+        projector_output_dim=int(vision.get("projector_output_dim", 4096)),
+        vision_output_dim=int(vision.get("vision_output_dim", 7680)),
+        rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", 10000.0))),
+        norm_eps=float(vision.get("norm_eps", 1e-5)),
+        hidden_act=str(vision.get("hidden_act", "gelu")),
+        square=not isinstance(image_size, (list, tuple)) or len(set(image_size)) == 1,
     )
 
 
@@ -170,6 +265,9 @@ def parse_model_config(cfg: dict) -> ModelConfig:
         eos_token_ids=eos_ids,
         pad_token_id=text.get("pad_token_id"),
         image_token_index=cfg.get("image_token_index"),
+        vision=parse_vision_config(cfg),
+        boi_token_index=cfg.get("boi_token_index"),
+        eoi_token_index=cfg.get("eoi_token_index"),
         torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or text.get("dtype") or "float32"),
     )
 

@@ -1,7 +1,8 @@
 """Random Llama 4 checkpoints in the released Hugging Face layout (``llama4serve checkpoint``).
 
 Writes ``config.json``, ``generation_config.json``, sharded ``model-0000i-of-0000n.safetensors`` with
-``model.safetensors.index.json`` and the tokenizer files. Tensor names and shapes are those transformers'
+``model.safetensors.index.json``, the tokenizer files and the image processor's settings (``processor_config.json``,
+``preprocessor_config.json``). Tensor names and shapes are those transformers'
 ``Llama4ForConditionalGeneration`` saves, derived here from the config with plain arithmetic (no transformers).
 
 Initialisation is chosen so that a random model is not degenerate (greedy decoding depends on the context):
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..actors.config import parse_model_config
+from ..actors.config import parse_model_config, parse_vision_config
+from ..actors.vision import vision_weight_shapes
 from ..actors.weights import text_weight_shapes
 from .presets import PRESETS, get_preset
 from .tokenizer_files import write_tokenizer_files
@@ -44,10 +46,6 @@ class TensorSpec:
         return math.prod(self.shape)
 
 
-def _linear(name: str, out_features: int, in_features: int) -> TensorSpec:
-    return TensorSpec(name, (out_features, in_features), "normal", in_features ** -0.5)
-
-
 def _text_specs(config: dict) -> list[TensorSpec]:
     """The text model's tensors: names and shapes from the loader's own table, so maker and loader agree."""
     specs = []
@@ -61,41 +59,24 @@ def _text_specs(config: dict) -> list[TensorSpec]:
     return specs
 
 
-def _vision_specs(vc: dict, text_hidden: int) -> list[TensorSpec]:
-    hidden, inter, patch = vc["hidden_size"], vc["intermediate_size"], vc["patch_size"]
-    num_positions = (vc["image_size"] // patch) ** 2 + 1  # patches + class token
-    p = "vision_model"
-    specs = [
-        TensorSpec(f"{p}.class_embedding", (hidden,), "normal", hidden ** -0.5),
-        TensorSpec(f"{p}.positional_embedding_vlm", (num_positions, hidden), "normal", hidden ** -0.5),
-        _linear(f"{p}.patch_embedding.linear.weight", hidden, vc["num_channels"] * patch * patch),
-    ]
-    for ln in ("layernorm_pre", "layernorm_post"):
-        specs += [TensorSpec(f"{p}.{ln}.weight", (hidden,), "norm"), TensorSpec(f"{p}.{ln}.bias", (hidden,), "bias")]
-    for i in range(vc["num_hidden_layers"]):
-        lp = f"{p}.model.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            specs += [_linear(f"{lp}.self_attn.{proj}.weight", hidden, hidden),
-                      TensorSpec(f"{lp}.self_attn.{proj}.bias", (hidden,), "bias")]
-        specs += [
-            _linear(f"{lp}.mlp.fc1.weight", inter, hidden), TensorSpec(f"{lp}.mlp.fc1.bias", (inter,), "bias"),
-            _linear(f"{lp}.mlp.fc2.weight", hidden, inter), TensorSpec(f"{lp}.mlp.fc2.bias", (hidden,), "bias"),
-        ]
-        for ln in ("input_layernorm", "post_attention_layernorm"):
-            specs += [TensorSpec(f"{lp}.{ln}.weight", (hidden,), "norm"),
-                      TensorSpec(f"{lp}.{ln}.bias", (hidden,), "bias")]
-    specs += [
-        _linear(f"{p}.vision_adapter.mlp.fc1.weight", vc["projector_input_dim"], inter),
-        _linear(f"{p}.vision_adapter.mlp.fc2.weight", vc["projector_output_dim"], vc["projector_output_dim"]),
-        _linear("multi_modal_projector.linear_1.weight", text_hidden, vc["vision_output_dim"]),
-    ]
+def _vision_specs(config: dict) -> list[TensorSpec]:
+    """The vision tower's tensors, names and shapes from the encoder's own table."""
+    specs = []
+    for name, shape in vision_weight_shapes(parse_vision_config(config), config["text_config"]["hidden_size"]).items():
+        if name.endswith(".bias"):
+            specs.append(TensorSpec(name, shape, "bias"))
+        elif "layernorm" in name:
+            specs.append(TensorSpec(name, shape, "norm"))
+        elif len(shape) == 1:  # class_embedding
+            specs.append(TensorSpec(name, shape, "normal", shape[0] ** -0.5))
+        else:  # [out, in] linears and the [positions, hidden] positional embedding
+            specs.append(TensorSpec(name, shape, "normal", shape[1] ** -0.5))
     return specs
 
 
 def tensor_specs(config: dict) -> list[TensorSpec]:
     """Every tensor of the checkpoint for a ``config.json`` dict, sorted by name (transformers' save order)."""
-    tc, vc = config["text_config"], config["vision_config"]
-    return sorted(_text_specs(config) + _vision_specs(vc, tc["hidden_size"]), key=lambda s: s.name)
+    return sorted(_text_specs(config) + _vision_specs(config), key=lambda s: s.name)
 
 
 def _make_tensor(spec: TensorSpec, seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -137,6 +118,20 @@ def generation_config(config: dict) -> dict:
             "transformers_version": TRANSFORMERS_VERSION}
 
 
+def processor_config(config: dict) -> dict:
+    """``processor_config.json`` as transformers 5.23's Llama4Processor.save_pretrained writes it (image processor
+    settings nested); the tiles are the vision tower's ``image_size``."""
+    vc = config["vision_config"]
+    image_processor = {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Llama4ImageProcessor", "image_std": [0.5, 0.5, 0.5],
+        "max_patches": 16, "resample": 2, "rescale_factor": 1 / 255, "resize_to_max_canvas": False,
+        "size": {"height": vc["image_size"], "width": vc["image_size"]},
+    }
+    return {"fake_image_token": "<|image|>", "image_processor": image_processor, "image_token": "<|image|>",
+            "patch_size": vc["patch_size"], "processor_class": "Llama4Processor"}
+
+
 def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, dtype: str = "float32",
                      max_shard_bytes: int | None = None) -> Path:
     """Write a random checkpoint of ``preset`` into ``out_dir`` (created if needed) and return its path.
@@ -173,6 +168,11 @@ def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, dtype: str
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     write_tokenizer_files(out, model_max_length=config["text_config"]["max_position_embeddings"])
+    processor = processor_config(config)
+    (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    # The released checkpoints' layout, read by older transformers: the image processor's settings on their own.
+    preprocessor = dict(processor["image_processor"], processor_class="Llama4Processor")
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
     return out
 
 
