@@ -34,6 +34,7 @@ def add_serve_subcommand(subparsers) -> None:
     p.add_argument("--grpc-port", type=int, help="default 9000")
     p.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy listens on (0.0.0.0 for all)")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:10001 (default: start a local one)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port of a local cluster")
     p.add_argument("--config", type=Path, help="YAML file of ServeConfig fields; flags given override it")
     p.set_defaults(func=main_serve)
 
@@ -68,7 +69,8 @@ def main_serve(args: argparse.Namespace) -> int:
     if local:
         # Logical CPUs for every data-plane actor of every replica (they mostly wait on each other).
         actors = (config.attention_actors + config.expert_actors) * config.num_replicas
-        ray.init(num_cpus=max(os.cpu_count() or 1, actors + 4), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, actors + 4), include_dashboard=True,
+                 dashboard_port=args.dashboard_port)
     else:
         ray.init(address=args.address)
     stop = threading.Event()
@@ -82,6 +84,8 @@ def main_serve(args: argparse.Namespace) -> int:
         print(f"  OpenAI HTTP  http://{shown}:{config.http_port}/v1  (health: /health, docs: /docs)", flush=True)
         print(f"  gRPC         {shown}:{config.grpc_port}  (llama4serve.v1.Llama4Serve, grpc.health.v1)", flush=True)
         print(f"  API key      {key}", flush=True)
+        if local:
+            print(f"  dashboard    http://127.0.0.1:{args.dashboard_port}", flush=True)
         print("Ctrl-C to stop.", flush=True)
         stop.wait()
     finally:

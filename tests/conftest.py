@@ -11,6 +11,6 @@ def ray_session():
     cores, so that several actors fit."""
     import ray
 
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
