@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.linear import pack_weight, unpack_weight
 from ..kernels.moe import grouped_swiglu
 from .checkpoint import TEXT_PREFIX, CheckpointReader
 from .config import ModelConfig
@@ -24,14 +25,15 @@ def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
 
 
 class LocalExperts:
-    """Expert weights of one shard: gate_up [E_local, H, 2I] and down [E_local, I, H] per MoE layer."""
+    """Expert weights of one shard, per MoE layer and local expert: gate_up [H, 2I] and down [I, H], each packed
+    for `kernels.linear.linear`."""
 
     def __init__(self, cfg: ModelConfig, reader: CheckpointReader, first_expert: int, last_expert: int, dtype):
         self.first_expert = first_expert
         self.num_local_experts = last_expert - first_expert
         n, h, i = self.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.gate_up: dict[int, torch.Tensor] = {}
-        self.down: dict[int, torch.Tensor] = {}
+        self.packed_gate_up: dict[int, list[torch.Tensor]] = {}
+        self.packed_down: dict[int, list[torch.Tensor]] = {}
         for layer in cfg.moe_layers:
             name = f"{TEXT_PREFIX}layers.{layer}.feed_forward.experts."
             total = reader.shape(name + "gate_up_proj")[0]
@@ -39,12 +41,24 @@ class LocalExperts:
                 raise ValueError(
                     f"{name}gate_up_proj holds {total} experts; config.json says num_local_experts={cfg.num_experts}"
                 )
-            self.gate_up[layer] = reader.get_rows(name + "gate_up_proj", first_expert, last_expert, dtype, (n, h, 2 * i))
-            self.down[layer] = reader.get_rows(name + "down_proj", first_expert, last_expert, dtype, (n, i, h))
+            gate_up = reader.get_rows(name + "gate_up_proj", first_expert, last_expert, dtype, (n, h, 2 * i))
+            down = reader.get_rows(name + "down_proj", first_expert, last_expert, dtype, (n, i, h))
+            self.packed_gate_up[layer] = [pack_weight(w) for w in gate_up]
+            self.packed_down[layer] = [pack_weight(w) for w in down]
+
+    @property
+    def gate_up(self) -> dict[int, torch.Tensor]:
+        """Plain [E_local, H, 2I] per MoE layer, rebuilt from the packed weights (for inspection)."""
+        return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_gate_up.items()}
+
+    @property
+    def down(self) -> dict[int, torch.Tensor]:
+        """Plain [E_local, I, H] per MoE layer, rebuilt from the packed weights (for inspection)."""
+        return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_down.items()}
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows already scaled by their router score, expert_ids [N] global -> [N, H]."""
-        return grouped_swiglu(x, expert_ids, self.gate_up[layer], self.down[layer], self.first_expert)
+        return grouped_swiglu(x, expert_ids, self.packed_gate_up[layer], self.packed_down[layer], self.first_expert)
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):
         """The routed-experts protocol of the model (see `Router.start`): here the work is done at once."""

@@ -27,10 +27,17 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | N
     return torch.where(pad_rows, first, mask)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask from `attention_mask` -> 0 where allowed, -inf elsewhere, in `dtype`. SDPA on CPU converts a
+    boolean mask like this on every call; converting once per step saves that work in every layer."""
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+
+
 def batched_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] from `attention_mask` -> out [B, Lq, Hq, D]."""
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], mask [B, Lq, Lk] from `attention_mask` (boolean) or `additive_mask`
+    -> out [B, Lq, Hq, D]."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),

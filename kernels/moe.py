@@ -3,18 +3,23 @@
 Shapes: T tokens, H hidden, E experts, I expert intermediate size, k experts per token.
 """
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from .linear import linear
+
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with input-major fused weights: x [T, H], gate_up [H, 2I] (gate = first I columns), down [I, H].
+    """SwiGLU with input-major fused weights: x [T, H], gate_up [H, 2I] (gate = first I columns), down [I, H],
+    each a plain tensor or packed by `kernels.linear.pack_weight`.
 
     Dense layers, the shared expert and each routed expert all use this. Input-major weights make the batch-1
     GEMV read memory contiguously (about twice the bandwidth of `F.linear` on [out, in] weights on CPU).
     """
-    gate, up = (x @ gate_up).chunk(2, dim=-1)  # [T, I] each
-    return (F.silu(gate) * up) @ down
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
+    return linear(F.silu(gate) * up, down)
 
 
 def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,28 +35,29 @@ def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
 def grouped_swiglu(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: torch.Tensor | Sequence[torch.Tensor],
+    down: torch.Tensor | Sequence[torch.Tensor],
     first_expert: int = 0,
 ) -> torch.Tensor:
     """Each row of x [N, H] goes through its expert's SwiGLU; only experts that have rows do any work.
 
     expert_ids [N] are global ids; gate_up [E_local, H, 2I] and down [E_local, I, H] hold experts
-    [first_expert, first_expert + E_local) in the checkpoint's fused layout (gate = first I columns).
-    Returns [N, H] in the row order of x.
+    [first_expert, first_expert + E_local) in the checkpoint's fused layout (gate = first I columns), stacked or
+    as per-expert lists of packed weights (`kernels.linear.pack_weight`). Returns [N, H] in the row order of x.
     """
-    out = torch.empty_like(x)
     if x.shape[0] == 0:
-        return out
+        return torch.empty_like(x)
+    if x.shape[0] == 1:  # batch-1 decode: no grouping to do
+        e = int(expert_ids[0]) - first_expert
+        return swiglu(x, gate_up[e], down[e])
     local_ids = expert_ids - first_expert
-    order = torch.argsort(local_ids, stable=True)
-    counts = torch.bincount(local_ids, minlength=gate_up.shape[0]).tolist()
-    x_sorted = x[order]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        out[order[start : start + n]] = swiglu(x_sorted[start : start + n], gate_up[e], down[e])
-        start += n
-    return out
-
+    order = torch.argsort(local_ids, stable=True)  # rows grouped by expert
+    counts = torch.bincount(local_ids, minlength=len(gate_up)).tolist()
+    experts = [e for e, n in enumerate(counts) if n]
+    sizes = [counts[e] for e in experts]
+    # Per expert only the two GEMMs; the activation runs once over all rows.
+    x_groups = x[order].split(sizes)
+    gate, up = torch.cat([linear(xe, gate_up[e]) for e, xe in zip(experts, x_groups)]).chunk(2, dim=-1)  # [N, I]
+    h_groups = (F.silu(gate) * up).split(sizes)
+    out_sorted = torch.cat([linear(he, down[e]) for e, he in zip(experts, h_groups)])  # [N, H]
+    return torch.empty_like(x).index_copy_(0, order, out_sorted)

@@ -42,8 +42,9 @@ def rope_freqs_cis(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Ten
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotates interleaved pairs (x[2i], x[2i+1]) of x [T, H, D] by freqs_cis [T, D/2]."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [T, H, D/2]
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+    xc = torch.view_as_complex((x if x.dtype == torch.float32 else x.float()).unflatten(-1, (-1, 2)))  # [T, H, D/2]
+    out = torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:

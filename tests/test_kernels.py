@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from llama4serve.kernels.attention import attention_mask, batched_attention
+from llama4serve.kernels.attention import additive_mask, attention_mask, batched_attention
+from llama4serve.kernels.linear import linear, pack_weight, unpack_weight
 from llama4serve.kernels.moe import grouped_swiglu, route_topk, swiglu
 from llama4serve.kernels.norms import l2_norm, rms_norm
 from llama4serve.kernels.rope import apply_rope, rope_freqs_cis, rope_inv_freq, temperature_scales
@@ -108,6 +109,33 @@ def test_batched_attention_ragged_gqa(chunk):
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-4)
 
 
+def test_additive_mask_gives_the_same_attention_as_the_boolean_mask():
+    q_pos = torch.tensor([[3, 4, 5], [9, -1, -1]])
+    k_pos = torch.cat([torch.tensor([[0, 1, 2, -1], [5, 6, 7, 8]]), q_pos], dim=1)
+    q, k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    mask = attention_mask(q_pos, k_pos, 4)
+    add = additive_mask(mask, torch.float32)
+    assert torch.equal(add == 0, mask) and torch.isinf(add[~mask]).all()
+    torch.testing.assert_close(batched_attention(q, k, v, add, 0.3), batched_attention(q, k, v, mask, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 3, 32])
+def test_packed_linear_matches_matmul(dtype, rows):
+    w_t = torch.randn(24, 40).to(dtype)  # [in, out]
+    bias = torch.randn(40).to(dtype)
+    x = torch.randn(rows, 24).to(dtype)
+    packed = pack_weight(w_t)
+    assert torch.equal(unpack_weight(packed), w_t)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    ref = x.float() @ w_t.float()
+    torch.testing.assert_close(linear(x, packed).float(), ref, **tol)
+    torch.testing.assert_close(linear(x, packed, bias).float(), ref + bias.float(), **tol)
+    torch.testing.assert_close(linear(x, w_t, bias).float(), ref + bias.float(), **tol)  # unpacked fallback
+    x3 = torch.randn(2, 5, 24).to(dtype)[:, ::2]  # non-contiguous, 3-D
+    torch.testing.assert_close(linear(x3, packed).float(), x3.float() @ w_t.float(), **tol)
+
+
 def test_router_top1_sigmoid():
     logits = torch.randn(6, 16)
     ids, scores = route_topk(logits, 1)
@@ -135,6 +163,10 @@ def test_grouped_swiglu_matches_per_token_loop_and_skips_idle_experts():
     out_shard = grouped_swiglu(x[mine], ids[mine], gate_up[4:], down[4:], first_expert=4)
     torch.testing.assert_close(out_shard, ref[mine], atol=1e-4, rtol=1e-4)
     assert grouped_swiglu(x[:0], ids[:0], gate_up, down).shape == (0, h)
+    # Per-expert packed weights (as LocalExperts holds them), and the single-row path.
+    packed_gu, packed_dn = [pack_weight(w) for w in gate_up], [pack_weight(w) for w in down]
+    torch.testing.assert_close(grouped_swiglu(x, ids, packed_gu, packed_dn), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grouped_swiglu(x[3:4], ids[3:4], packed_gu, packed_dn), ref[3:4], atol=1e-4, rtol=1e-4)
 
 
 def test_score_scales_expert_input_not_output():
