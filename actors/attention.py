@@ -14,6 +14,7 @@ from .batch import SeqOutput, StepBatch
 from .checkpoint import CheckpointReader
 from .config import load_model_config
 from .experts import LocalExperts
+from .image_inputs import ImageFeatureCache
 from .kv_cache import KVCache
 from .model import Llama4TextModel
 from .model_runner import ModelRunner
@@ -21,6 +22,27 @@ from .process_group import join, master_address
 from .router import ExpertLayout, Router
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExpertLoad:
+    """Routed experts (`RoutedExperts`) that also count the rows sent to each expert of each MoE layer: one
+    index_add per MoE layer per step, on the rows' device, without a host sync."""
+
+    def __init__(self, routed, moe_layers: tuple[int, ...], num_experts: int):
+        self.routed = routed
+        self.row = {layer: r for r, layer in enumerate(moe_layers)}
+        self.counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.long)  # [MoE layers, E]
+
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int):
+        if self.counts.device != expert_ids.device:
+            self.counts = self.counts.to(expert_ids.device)
+        self.counts[self.row[layer]].index_add_(0, expert_ids, torch.ones_like(expert_ids))
+        return self.routed.start(layer, x, expert_ids, capacity)
+
+    def take(self) -> torch.Tensor:
+        """The counts since the last take, on the CPU: [MoE layers, E] int64."""
+        counts, self.counts = self.counts.cpu(), torch.zeros_like(self.counts)
+        return counts
 
 
 class AttentionActor:
@@ -49,10 +71,13 @@ class AttentionActor:
             self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers, torch_dtype)
         else:
             routed = LocalExperts(cfg, reader, 0, cfg.num_experts, torch_dtype)
-        model = Llama4TextModel(cfg, reader, torch_dtype, routed)
+        self.expert_load = ExpertLoad(routed, cfg.moe_layers, cfg.num_experts)
+        model = Llama4TextModel(cfg, reader, torch_dtype, self.expert_load)
+        images = ImageFeatureCache.create(cfg, reader, torch_dtype)  # None for text-only checkpoints
         reader.close()
         self.kv = KVCache(cfg, num_full_blocks, num_chunk_blocks, block_size, torch_dtype)
-        self.runner = ModelRunner(cfg, model, self.kv)
+        self.runner = ModelRunner(cfg, model, self.kv, images)
+        self.all_to_all_seconds: list[float] = []  # per step with sequences, since the last take_metrics
 
     def ready(self) -> dict:
         import ray
@@ -70,9 +95,21 @@ class AttentionActor:
         """(seconds from dispatch to combined results, MoE-layer exchanges) since start."""
         return (self.router.exchange_seconds, self.router.exchanges) if self.router else (0.0, 0)
 
+    def take_metrics(self) -> dict:
+        """What this actor counted since the last call, for the engine's metrics: expert_tokens [MoE layers, E]
+        (rows routed to each expert) and all_to_all_seconds (per step with sequences)."""
+        seconds, self.all_to_all_seconds = self.all_to_all_seconds, []
+        return {"expert_tokens": self.expert_load.take(), "all_to_all_seconds": seconds}
+
     def step(self, batch: StepBatch) -> list[SeqOutput]:
         if not batch.seqs:
             if self.router is not None:
                 self.router.idle_step(batch.moe_capacity)  # every rank joins every collective
             return []
-        return self.runner.step(batch)
+        if self.router is None:
+            return self.runner.step(batch)
+        before = self.router.exchange_seconds
+        outputs = self.runner.step(batch)
+        if len(self.all_to_all_seconds) < 100_000:  # bounded when nobody takes them
+            self.all_to_all_seconds.append(self.router.exchange_seconds - before)
+        return outputs

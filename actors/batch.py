@@ -1,5 +1,5 @@
 """Per-step batch data sent from the engine to an attention actor, and what comes back. Small payloads only:
-token ids, positions and block tables; never tensors."""
+token ids, positions and block tables; never tensors (an image prompt's pixels travel as an ObjectRef)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ class SeqStep:
     # Only when the sequence samples with penalties: the ids they look at (prompt ids only for repetition).
     penalty_prompt_ids: list[int] = field(default_factory=list)
     penalty_output_ids: list[int] = field(default_factory=list)
+    # Image prompts: the pixel values of all the request's images ([N, 3, S, S] tiles in prompt order, usually a
+    # Ray ObjectRef), sent only with the step at start_pos 0; the actor encodes them once and caches the
+    # features. image_offset: feature rows used by earlier steps (<|patch|> prompt tokens before start_pos).
+    image_pixels: object | None = None
+    image_offset: int = 0
 
     @property
     def end_pos(self) -> int:
@@ -52,6 +57,7 @@ class SeqStep:
 class StepBatch:
     seqs: list[SeqStep]
     moe_capacity: int = 0  # most routed rows any attention rank sends this step (same on every rank)
+    released_seq_ids: list[int] = field(default_factory=list)  # finished/aborted/preempted: drop cached features
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.attention import batched_attention
+from ..kernels.linear import linear, pack_weight
 from ..kernels.moe import route_topk, swiglu
 from ..kernels.norms import l2_norm, rms_norm
 from ..kernels.rope import apply_rope
@@ -35,12 +36,15 @@ class RoutedExperts(Protocol):
 @dataclass
 class PoolView:
     """Where a step reads and writes one KV pool. ctx_slots [B, Lc] context slots to read; mask [B, Lq, Lc + Lq]
-    over (context, then the step's own tokens); write_rows [N] token indices whose k/v go to write_slots [N]."""
+    (additive) over (context, then the step's own tokens); write_rows [N] token indices whose k/v go to
+    write_slots [N]. When every token is written (write_rows None), key_slots [B, Lc + Lq] are the slots of
+    (context, then the step's own tokens): the layer writes first and reads all its keys in one gather."""
 
     ctx_slots: torch.Tensor
     mask: torch.Tensor
-    write_rows: torch.Tensor
+    write_rows: torch.Tensor | None
     write_slots: torch.Tensor
+    key_slots: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,11 +59,6 @@ class StepMeta:
     temp_scales: torch.Tensor | None  # [T] NoPE query scales
     pools: dict[str, PoolView]
     moe_capacity: int = 0
-
-
-def _linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] @ weight_t [in, out] (+ bias)."""
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
 def _pad(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -83,72 +82,84 @@ class Llama4TextModel:
         self.embed = get("embed_tokens.weight")  # [V, H], rows looked up
         self.norm = get("norm.weight")
         lm_head = self.embed if cfg.tie_word_embeddings else reader.get(LM_HEAD, dtype, shapes[LM_HEAD])
-        self.lm_head_t = lm_head.t().contiguous()  # [H, V]
+        self.lm_head_t = pack_weight(lm_head.t())  # [H, V]
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_hidden_layers):
             a = f"layers.{i}.self_attn."
             f = f"layers.{i}.feed_forward."
-            # Linear weights are kept input-major ([in, out]) and q/k/v, gate/up fused, for fast GEMV.
+            # Linear weights are input-major ([in, out]) with q/k/v and gate/up fused, packed for `linear`.
             w = {
                 "input_norm": get(f"layers.{i}.input_layernorm.weight"),
                 "post_norm": get(f"layers.{i}.post_attention_layernorm.weight"),
-                "qkv": torch.cat([get(f"{a}{n}_proj.weight") for n in "qkv"]).t().contiguous(),  # [H, (Hq+2Hkv)D]
-                "o": get(a + "o_proj.weight").t().contiguous(),  # [Hq*D, H]
+                "qkv": pack_weight(torch.cat([get(f"{a}{n}_proj.weight") for n in "qkv"]).t()),  # [H, (Hq+2Hkv)D]
+                "o": pack_weight(get(a + "o_proj.weight").t()),  # [Hq*D, H]
             }
             if cfg.attention_bias:
                 w["qkv_bias"] = torch.cat([get(f"{a}{n}_proj.bias") for n in "qkv"])
                 w["o_bias"] = get(a + "o_proj.bias")
             mlp = f + "shared_expert." if cfg.is_moe_layer(i) else f
             if cfg.is_moe_layer(i):
-                w["router"] = get(f + "router.weight").t().contiguous()  # [H, E]
-            w["mlp_gate_up"] = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]).t().contiguous()
-            w["mlp_down"] = get(mlp + "down_proj.weight").t().contiguous()  # [I, H]
+                w["router"] = pack_weight(get(f + "router.weight").t())  # [H, E]
+            w["mlp_gate_up"] = pack_weight(torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]).t())
+            w["mlp_down"] = pack_weight(get(mlp + "down_proj.weight").t())  # [I, H]
             self.layers.append(w)
 
-    def forward(self, token_ids: torch.Tensor, meta: StepMeta, kv: KVCache) -> torch.Tensor:
-        """token_ids [T] -> final-normed hidden states [T, H]."""
+    def forward(self, token_ids: torch.Tensor, meta: StepMeta, kv: KVCache,
+                image_embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """token_ids [T] -> final-normed hidden states [T, H]. image_embeds: (rows [R], features [R, H]) that
+        replace the embeddings of those <|patch|> rows (Llama4ForConditionalGeneration's masked_scatter)."""
         x = self.embed[token_ids]  # [T, H]
+        if image_embeds is not None:
+            x[image_embeds[0]] = image_embeds[1].to(x.dtype)
         for i, w in enumerate(self.layers):
-            x = x + self.attention(i, w, rms_norm(x, w["input_norm"], self.cfg.rms_norm_eps), meta, kv)
-            x = x + self.feed_forward(i, w, rms_norm(x, w["post_norm"], self.cfg.rms_norm_eps), meta.moe_capacity)
+            x += self.attention(i, w, rms_norm(x, w["input_norm"], self.cfg.rms_norm_eps), meta, kv)
+            x += self.feed_forward(i, w, rms_norm(x, w["post_norm"], self.cfg.rms_norm_eps), meta.moe_capacity)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.lm_head_t
+        return linear(hidden, self.lm_head_t)
 
     def attention(self, i: int, w: dict, x: torch.Tensor, meta: StepMeta, kv: KVCache) -> torch.Tensor:
         cfg = self.cfg
         t, d = x.shape[0], cfg.head_dim
-        qkv = _linear(x, w["qkv"], w.get("qkv_bias"))
-        q_size, kv_size = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-        q = qkv[:, :q_size].view(t, cfg.num_attention_heads, d)
-        k = qkv[:, q_size : q_size + kv_size].view(t, cfg.num_key_value_heads, d)
-        v = qkv[:, q_size + kv_size :].reshape(t, cfg.num_key_value_heads, d)
+        qkv = linear(x, w["qkv"], w.get("qkv_bias"))
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)  # q and k heads side by side: rotated/normed at once
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
         if cfg.use_rope[i]:
-            q, k = apply_rope(q, meta.freqs_cis), apply_rope(k, meta.freqs_cis)
+            qk = apply_rope(qk, meta.freqs_cis)
             if cfg.use_qk_norm:  # after RoPE, RoPE layers only (Llama4TextAttention.qk_norm)
-                q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
-        elif meta.temp_scales is not None:
+                qk = l2_norm(qk, cfg.rms_norm_eps)
+        q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
+        if not cfg.use_rope[i] and meta.temp_scales is not None:
             q = (q * meta.temp_scales[:, None, None]).to(q.dtype)
 
         view = meta.pools[kv.pool_of(i)]
-        ctx_k, ctx_v = kv.read(i, view.ctx_slots)  # [B, Lc, Hkv, D]
-        keys = torch.cat([ctx_k, _pad(k, meta)], dim=1)
-        values = torch.cat([ctx_v, _pad(v, meta)], dim=1)
-        if view.write_rows.numel():
-            kv.write(i, view.write_slots, k[view.write_rows], v[view.write_rows])
+        if view.key_slots is not None:
+            kv.write(i, view.write_slots, k, v)
+            keys, values = kv.read(i, view.key_slots)  # [B, Lc + Lq, Hkv, D]
+        else:
+            ctx_k, ctx_v = kv.read(i, view.ctx_slots)  # [B, Lc, Hkv, D]
+            keys = torch.cat([ctx_k, _pad(k, meta)], dim=1)
+            values = torch.cat([ctx_v, _pad(v, meta)], dim=1)
+            if view.write_rows.numel():
+                kv.write(i, view.write_slots, k[view.write_rows], v[view.write_rows])
         out = batched_attention(_pad(q, meta), keys, values, view.mask, d**-0.5)  # [B, Lq, Hq, D]
         out = out.reshape(-1, cfg.num_attention_heads * d)  # [B*Lq, Hq*D]
         if meta.unpad_index is not None:
             out = out[meta.unpad_index]  # [T, Hq*D]
-        return _linear(out, w["o"], w.get("o_bias"))
+        return linear(out, w["o"], w.get("o_bias"))
 
     def feed_forward(self, i: int, w: dict, x: torch.Tensor, moe_capacity: int) -> torch.Tensor:
         if "router" not in w:
             return swiglu(x, w["mlp_gate_up"], w["mlp_down"])
-        expert_ids, scores = route_topk(x @ w["router"], self.cfg.num_experts_per_tok)  # [T, k]
+        expert_ids, scores = route_topk(linear(x, w["router"]), self.cfg.num_experts_per_tok)  # [T, k]
         top_k = expert_ids.shape[1]
-        routed_in = (x[:, None, :] * scores[:, :, None]).reshape(-1, x.shape[1])  # [T*k, H]
+        if top_k == 1:
+            routed_in = x * scores  # [T, H]
+        else:
+            routed_in = (x[:, None, :] * scores[:, :, None]).reshape(-1, x.shape[1])  # [T*k, H]
         finish = self.routed.start(i, routed_in, expert_ids.reshape(-1), moe_capacity)
         shared = swiglu(x, w["mlp_gate_up"], w["mlp_down"])  # computed while routed rows are away
-        return shared + finish().view(x.shape[0], top_k, -1).sum(dim=1)
+        routed = finish()  # [T*k, H]
+        return shared + (routed if top_k == 1 else routed.view(x.shape[0], top_k, -1).sum(dim=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.attention import attention_mask
+from ..kernels.attention import additive_mask, attention_mask
 from ..kernels.rope import rope_freqs_cis, rope_inv_freq, temperature_scales
 from ..kernels.sampling import apply_penalties, sample_tokens, token_logprobs
 from .batch import SeqOutput, SeqStep, StepBatch
@@ -20,10 +20,12 @@ def _slots(blocks: list[int], positions: range, base: int, block_size: int) -> l
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache):
+    def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache, images=None):
+        """images: an `ImageFeatureCache` when the checkpoint takes images."""
         self.cfg = cfg
         self.model = model
         self.kv = kv
+        self.images = images
         r = cfg.rope
         self.inv_freq = rope_inv_freq(
             cfg.head_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor, r.high_freq_factor,
@@ -36,7 +38,7 @@ class ModelRunner:
 
     def _pool_view(self, seqs: list[SeqStep], pool: str, q_pos: torch.Tensor) -> PoolView:
         bs = self.kv.block_size
-        ctx_slots, ctx_pos, write_rows, write_slots = [], [], [], []
+        ctx_slots, ctx_pos, own_slots, write_rows = [], [], [], []
         row = 0
         for s in seqs:
             if pool == "full":  # every position [0, end)
@@ -45,22 +47,25 @@ class ModelRunner:
                 read_base, read_blocks = self.chunk_start(s.start_pos), s.chunk_read_blocks
                 write_base, write_blocks = self.chunk_start(s.end_pos), s.chunk_write_blocks
             ctx = range(read_base, s.start_pos)
-            slots = _slots(read_blocks, ctx, read_base, bs)
             write_from = max(s.start_pos, write_base)
-            write = _slots(write_blocks, range(write_from, s.end_pos), write_base, bs)
-            ctx_slots.append(slots)
+            ctx_slots.append(_slots(read_blocks, ctx, read_base, bs))
             ctx_pos.append(list(ctx))
+            own_slots.append(_slots(write_blocks, range(write_from, s.end_pos), write_base, bs))
             write_rows.extend(range(row + write_from - s.start_pos, row + len(s.token_ids)))
-            write_slots.extend(write)
             row += len(s.token_ids)
-        width = max((len(x) for x in ctx_slots), default=0)
+        width, lq = max(len(x) for x in ctx_slots), q_pos.shape[1]
         ctx_pos_t = torch.tensor([x + [-1] * (width - len(x)) for x in ctx_pos], dtype=torch.long)
         chunk = self.cfg.attention_chunk_size if pool == "chunk" else None
+        every_row = len(write_rows) == row  # then own_slots hold one slot per token of the step
+        key_slots = None
+        if every_row:  # (context, padding, own tokens, padding) per sequence, as the mask's columns
+            key_slots = [c + [0] * (width - len(c)) + w + [0] * (lq - len(w)) for c, w in zip(ctx_slots, own_slots)]
         return PoolView(
             ctx_slots=torch.tensor([x + [0] * (width - len(x)) for x in ctx_slots], dtype=torch.long),
-            mask=attention_mask(q_pos, torch.cat([ctx_pos_t, q_pos], dim=1), chunk),
-            write_rows=torch.tensor(write_rows, dtype=torch.long),
-            write_slots=torch.tensor(write_slots, dtype=torch.long),
+            mask=additive_mask(attention_mask(q_pos, torch.cat([ctx_pos_t, q_pos], dim=1), chunk), self.kv.dtype),
+            write_rows=None if every_row else torch.tensor(write_rows, dtype=torch.long),
+            write_slots=torch.tensor([x for w in own_slots for x in w], dtype=torch.long),
+            key_slots=None if key_slots is None else torch.tensor(key_slots, dtype=torch.long),
         )
 
     def build_meta(self, batch: StepBatch) -> tuple[torch.Tensor, StepMeta]:
@@ -101,7 +106,8 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> list[SeqOutput]:
         token_ids, meta = self.build_meta(batch)
-        hidden = self.model.forward(token_ids, meta, self.kv)  # [T, H]
+        image_embeds = self.images.for_step(batch) if self.images is not None else None
+        hidden = self.model.forward(token_ids, meta, self.kv, image_embeds)  # [T, H]
         outputs = [SeqOutput(seq_id=s.seq_id) for s in batch.seqs]
         starts = [0]
         for s in batch.seqs:

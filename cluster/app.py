@@ -36,6 +36,8 @@ class Ingress(GrpcIngressMixin):
         self.max_queued_requests = config.max_queued_requests
         self.max_request_bytes = config.max_request_bytes
         self.max_n = config.max_n
+        self.max_images_per_request = config.max_images_per_request
+        self.max_image_bytes = config.max_image_bytes
         self._grpc_in_flight = 0
 
     def __serve_build_asgi_app__(self):

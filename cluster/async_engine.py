@@ -17,14 +17,16 @@ from typing import AsyncIterator
 
 from .config import EngineConfig
 from .engine import DataPlaneError, EngineCore
+from .metrics import EngineMetrics
 from .outputs import RequestOutput
+from .prompts import has_images
 from .sampling_params import SamplingParams
 from .scheduler import Sequence
 from .tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int] | list[dict]
+Prompt = str | list[int] | list[dict] | dict  # see cluster/prompts.py (images: dict prompts, chat image parts)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _Stream:
     num_emitted_chars: int = 0
     sent_first: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    last_token_time: float = 0.0
 
 
 class AsyncEngine:
@@ -52,16 +55,12 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._work: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self.metrics = EngineMetrics()
 
     # ---------------------------------------------------------------- requests
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        """Token ids of a text prompt, a token-id list, or chat messages (through the chat template)."""
-        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None:
-                raise ValueError(f"messages need a chat template, but {self.core.config.model} has no tokenizer")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself
-        return self.core.tokenize(prompt)
+        """Token ids of a text prompt, a token-id list, chat messages (through the chat template) or a dict prompt."""
+        return self.core.prepare(prompt).token_ids
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
@@ -71,12 +70,19 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already running")
-        ids = self.prompt_ids(prompt)
-        seq = self.core.add_request(ids, params)  # validates
+        try:
+            # Decoding and tiling images runs off the event loop; plain prompts are tokenized in place.
+            prepare = self.core.prepare
+            inputs = await asyncio.to_thread(prepare, prompt) if has_images(prompt) else prepare(prompt)
+            seq = self.core.add_request(inputs, params)  # validates
+        except ValueError:
+            self.metrics.finished("rejected")
+            raise
         detok = self.tokenizer.detokenizer() if self.tokenizer else None
         stream = _Stream(seq, request_id, detok, max((len(s) for s in params.stop), default=1) - 1)
         self._streams[request_id] = stream
         self._ensure_loop()
+        status = "abort"  # how the request ends when it does not finish
         try:
             while True:
                 await stream.wake.wait()
@@ -87,10 +93,14 @@ class AsyncEngine:
                     yield out
                 if out is not None and out.finished:
                     return
+        except DataPlaneError:
+            status = "error"
+            raise
         finally:
             self._streams.pop(request_id, None)
             if seq.finish_reason is None:
                 self.core.abort(seq)
+                self.metrics.finished(status)
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -132,7 +142,18 @@ class AsyncEngine:
         )
         stream.num_emitted_ids, stream.num_emitted_chars = end, len(text)
         stream.sent_first = True
+        self._record(stream, first, len(new_ids), finished)
         return out
+
+    def _record(self, stream: _Stream, first: bool, num_new: int, finished: bool) -> None:
+        now = time.monotonic()
+        if first:
+            self.metrics.first_token(stream.arrival, now, len(stream.seq.prompt_ids))
+        if num_new:
+            self.metrics.generated(num_new, None if first else now - stream.last_token_time)
+            stream.last_token_time = now
+        if finished:
+            self.metrics.finished(stream.seq.finish_reason)
 
     # ---------------------------------------------------------------- the loop
     def _ensure_loop(self) -> None:
@@ -147,6 +168,7 @@ class AsyncEngine:
         while self.core.failure is None:
             if not self.core.has_work():
                 work.clear()
+                await self._flush_metrics()  # while idle the gauges show the last flush's figures
                 await work.wait()
                 continue
             try:
@@ -158,7 +180,23 @@ class AsyncEngine:
                 self.core.fail(DataPlaneError(f"engine step failed: {err!r}"))
             for stream in self._streams.values():
                 stream.wake.set()
+            if self.metrics.due():
+                await self._flush_metrics()
             await asyncio.sleep(0)  # let streams and new requests run between steps
+
+    async def _flush_metrics(self) -> None:
+        """Exports the gauges and token counts, and collects the attention actors' counts (between steps)."""
+        if self.core.failure is not None:
+            return
+        try:
+            taken = await asyncio.wait_for(
+                asyncio.gather(*(r.actor.take_metrics.remote() for r in self.core.replicas)),
+                timeout=self.core.config.collective_timeout_s,
+            )
+        except Exception:  # a dead actor fails the next step; metrics must not fail first
+            logger.warning("could not collect the data-plane metrics", exc_info=True)
+            taken = []
+        self.metrics.flush(self.stats(), taken, self.core.model_cfg.moe_layers)
 
     # ---------------------------------------------------------------- info
     def stats(self) -> dict:

@@ -47,6 +47,13 @@ class EngineOptions(BaseModel):
         180.0, gt=0, description="Timeout of every collective and of every step: a dead peer raises, never hangs."
     )
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for Ray to place the actors.")
+    max_images_per_request: int = Field(8, ge=0, description="Most images one request may carry (0: no images).")
+    max_image_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest accepted image file, in bytes (after base64 decoding)."
+    )
+    max_image_pixels: int = Field(
+        25_000_000, ge=4, description="Most decoded pixels (width x height) of one image; larger images are refused."
+    )
 
 
 class EngineConfig(EngineOptions):

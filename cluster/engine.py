@@ -20,13 +20,15 @@ from ..actors.expert_shard import ExpertShardActor
 from ..actors.experts import expert_split
 from ..actors.checkpoint import CheckpointReader
 from ..actors.config import load_model_config
+from ..actors.image_inputs import vision_unsupported
 from ..actors.weights import check_checkpoint
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .outputs import Completion
 from .placement import place
+from .prompts import Prompt, PromptInputs, PromptPreparer
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler, SeqImages, Sequence
 from .tokenizer import Tokenizer
 
 
@@ -60,8 +62,13 @@ class EngineCore:
         self.model_cfg = cfg = load_model_config(config.model)
         reader = CheckpointReader(config.model)
         check_checkpoint(cfg, reader)
+        vision_problem = vision_unsupported(cfg, reader)
         reader.close()
         self.tokenizer = Tokenizer.from_dir(config.model)
+        self.prompts = PromptPreparer(
+            config.model, self.tokenizer, cfg.image_token_index, vision_problem, config.max_images_per_request,
+            config.max_image_bytes, config.max_image_pixels,
+        )
         self.dtype = cfg.torch_dtype if config.dtype == "auto" else config.dtype
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.json: torch_dtype is {self.dtype!r}; pass dtype='float32' or 'bfloat16'")
@@ -162,13 +169,11 @@ class EngineCore:
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    f"prompt is text but {self.config.model} has no tokenizer.json; pass token ids instead"
-                )
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return self.prompts.prepare(prompt).token_ids
+
+    def prepare(self, prompt: Prompt) -> PromptInputs:
+        """Token ids (and image tiles) of any accepted prompt form (see `cluster/prompts.py`); ValueError if bad."""
+        return self.prompts.prepare(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_cfg.vocab_size
@@ -194,11 +199,17 @@ class EngineCore:
                 "(num_full_blocks, num_chunk_blocks); lower max_tokens or grow the cache"
             )
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, prompt: list[int] | PromptInputs, params: SamplingParams) -> Sequence:
+        """Queues a prompt given as token ids or as prepared inputs (`prepare`, for prompts with images)."""
+        inputs = prompt if isinstance(prompt, PromptInputs) else PromptInputs(list(prompt))
+        prompt_ids = inputs.token_ids
         self.validate(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
         self.check_alive()
-        seq = Sequence(seq_id=next(self._ids), prompt_ids=prompt_ids, params=params, seed=seed)
+        images = None
+        if inputs.pixel_values is not None:  # to the actor once per prefill, through the object store
+            images = SeqImages(ray.put(inputs.pixel_values), inputs.patch_positions)
+        seq = Sequence(seq_id=next(self._ids), prompt_ids=prompt_ids, params=params, seed=seed, images=images)
         replica = min(self.replicas, key=AttentionReplica.load)  # data parallel: the least loaded actor
         replica.scheduler.add(seq)
         replica.num_assigned += 1
@@ -251,7 +262,8 @@ class EngineCore:
         # With expert actors every rank joins every step's collectives, idle attention actors included.
         stepping = [(r, sch) for r, sch in plans if sch or self.experts]
         capacity = max(sum(len(s.token_ids) for _, s in sch) for _, sch in plans) * self.model_cfg.num_experts_per_tok
-        refs = [r.actor.step.remote(StepBatch([s for _, s in sch], capacity)) for r, sch in stepping]
+        refs = [r.actor.step.remote(StepBatch([s for _, s in sch], capacity, r.scheduler.take_released()))
+                for r, sch in stepping]
         refs += [x.run_step.remote(capacity) for x in self.experts]
         return stepping, refs
 

@@ -15,6 +15,7 @@ The Ingress deployment class inherits `GrpcIngressMixin` and provides what `Grpc
 from __future__ import annotations
 
 import hmac
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -34,6 +35,7 @@ FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
+IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 # GenerateRequest fields with presence that map 1:1 onto SamplingParams.
 _OPTIONAL_PARAMS = (
     "max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
@@ -192,7 +194,9 @@ class GrpcIngressMixin:
             if started:
                 raise
             rejected = True
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, _cause_message(e)) from None
+            # The engine names chat image parts messages[i].content[j]; here they are messages[i].parts[j].
+            message = re.sub(r"^messages\[(\d+)\]\.content\[", r"messages[\1].parts[", _cause_message(e))
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
         finally:
             try:
                 if hasattr(outputs, "aclose"):
@@ -207,23 +211,24 @@ def _new_request_id() -> str:
     return f"grpc-{uuid.uuid4().hex}"
 
 
-def _prompt(request: pb.GenerateRequest) -> str | list[int] | list[dict[str, str]]:
+def _prompt(request: pb.GenerateRequest) -> str | list[int] | list[dict] | dict:
     kind = request.WhichOneof("prompt")
     if kind and request.messages:
         raise RpcError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"GenerateRequest has both {kind} and messages; set exactly one of text, token_ids, messages",
         )
+    if request.images and not kind:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "images go with a text or token_ids prompt; put the "
+                                                         "images of chat messages in their parts")
+    if request.images:
+        prompt = request.text if kind == "text" else _token_ids(request)
+        images = [_image_bytes(image, f"images[{k}]") for k, image in enumerate(request.images)]
+        return {"prompt": prompt, "images": images}
     if kind == "text":
         return request.text
     if kind == "token_ids":
-        ids = list(request.token_ids.ids)
-        if not ids:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "token_ids.ids is empty; send at least one token id")
-        for i, token_id in enumerate(ids):
-            if token_id < 0:
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids.ids[{i}] is {token_id}; ids are >= 0")
-        return ids
+        return _token_ids(request)
     if not request.messages:
         raise RpcError(
             grpc.StatusCode.INVALID_ARGUMENT, "GenerateRequest has no input; set one of text, token_ids, messages"
@@ -234,7 +239,44 @@ def _prompt(request: pb.GenerateRequest) -> str | list[int] | list[dict[str, str
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"messages[{i}].role is {message.role!r}; allowed {', '.join(CHAT_ROLES)}",
             )
-    return [{"role": m.role, "content": m.content} for m in request.messages]
+        if message.content and message.parts:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"messages[{i}] has both content and parts; set one of them")
+    return [{"role": m.role, "content": _content(m, i) if m.parts else m.content}
+            for i, m in enumerate(request.messages)]
+
+
+def _content(message: pb.ChatMessage, index: int) -> list[dict]:
+    parts = []
+    for j, part in enumerate(message.parts):
+        kind = part.WhichOneof("part")
+        if kind == "image":
+            parts.append({"type": "image", "image": _image_bytes(part.image, f"messages[{index}].parts[{j}]")})
+        elif kind == "text":
+            parts.append({"type": "text", "text": part.text})
+        else:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"messages[{index}].parts[{j}] is empty; set text or image")
+    return parts
+
+
+def _image_bytes(image: pb.Image, where: str) -> bytes:
+    mime = image.mime_type.strip().lower()
+    if mime and mime not in IMAGE_MIME_TYPES:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"{where}.mime_type is {image.mime_type!r}; send image/png, image/jpeg or image/webp")
+    if not image.data:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.data is empty; send the image file's bytes")
+    return bytes(image.data)
+
+
+def _token_ids(request: pb.GenerateRequest) -> list[int]:
+    ids = list(request.token_ids.ids)
+    if not ids:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "token_ids.ids is empty; send at least one token id")
+    for i, token_id in enumerate(ids):
+        if token_id < 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids.ids[{i}] is {token_id}; ids are >= 0")
+    return ids
 
 
 def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:

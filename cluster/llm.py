@@ -1,4 +1,9 @@
-"""The offline Python API: `LLM(model_dir, ...).generate(prompts, params) -> list[Completion]`."""
+"""The offline Python API: `LLM(model_dir, ...).generate(prompts, params) -> list[Completion]`.
+
+A prompt is a string, a list of token ids, or a dict: `{"prompt": "<|image|>Describe it", "images": [png_bytes]}`
+(one `<|image|>` per image; the prompt may also be token ids) or `{"messages": [...]}` (chat, with
+`{"type": "image", "image": bytes}` content parts). See `cluster/prompts.py`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from .engine import EngineCore
 from .outputs import Completion
 from .sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
+    if isinstance(prompts, (str, dict)):
         return [prompts]
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
@@ -55,10 +60,10 @@ class LLM:
             params_list = list(params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"params has {len(params_list)} entries; prompts has {len(prompt_list)}")
-        token_lists = [self.engine.tokenize(p) for p in prompt_list]
-        for ids, p in zip(token_lists, params_list):
-            self.engine.validate(ids, p)
-        seqs = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params_list)]
+        inputs = [self.engine.prepare(p) for p in prompt_list]
+        for x, p in zip(inputs, params_list):
+            self.engine.validate(x.token_ids, p)
+        seqs = [self.engine.add_request(x, p) for x, p in zip(inputs, params_list)]
         bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
         try:
             while self.engine.has_work():

@@ -46,10 +46,13 @@ class ServingContext(Protocol):
     max_queued_requests: int  # generation requests in flight on this ingress; more get 429 at once
     max_request_bytes: int  # larger request bodies get 413
     max_n: int  # largest accepted `n`
+    max_images_per_request: int  # optional (default 8): images in one chat request, refused with 400 beyond
+    max_image_bytes: int  # optional (default 20 MiB): decoded bytes of one image
 
     def generate(
         self, prompt: str | list[int] | list[dict], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> AsyncIterator[RequestOutput]:
+        """Chat messages may hold image parts {"type": "image", "image": bytes} (see cluster/prompts.py)."""
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -157,32 +157,49 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(_Strict):
-    type: Literal["text"] = Field(description="Only text parts are supported.")
+    type: Literal["text"] = Field(description="A text part.")
     text: str
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="A data URL, `data:image/png;base64,...` (PNG, JPEG or WebP); the server never "
+                                 "fetches http(s) URLs.")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description="Accepted and ignored.")
+
+
+class ImageURLPart(_Strict):
+    type: Literal["image_url"] = Field(description="An image part.")
+    image_url: ImageURL
+
+
+CONTENT_PART_TYPES = ("text", "image_url")
 
 
 class ChatMessage(_Strict):
     """A message; `developer` is read as `system`. Tool messages are not supported (no tool calling)."""
 
     role: Literal["system", "developer", "user", "assistant"] = Field(description="Who wrote the message.")
-    content: str | list[TextPart] = Field(description="A string or a list of text parts.")
+    content: str | list[TextPart | ImageURLPart] = Field(
+        description="A string or a list of parts: text, and images as base64 data URLs."
+    )
     name: str | None = Field(None, description="Accepted and ignored.")
 
     @field_validator("content", mode="wrap")
     @classmethod
     def _content(cls, value, handler):
         for i, part in enumerate(value if isinstance(value, list) else []):
-            if isinstance(part, dict) and part.get("type", "text") != "text":
+            if isinstance(part, dict) and part.get("type", "text") not in CONTENT_PART_TYPES:
                 raise PydanticCustomError(
-                    "content_part", "part {index} has type '{type}'; only 'text' parts are supported",
+                    "content_part", "part {index} has type '{type}'; only 'text' and 'image_url' parts are supported",
                     {"index": i, "type": part.get("type")},
                 )
-        return _reject_union(value, handler, 'must be a string or a list of parts {"type": "text", "text": ...}')
+        return _reject_union(
+            value, handler, 'must be a string or a list of parts {"type": "text", "text": ...} or '
+                            '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}'
+        )
 
-    def engine_message(self) -> dict:
-        role = "system" if self.role == "developer" else self.role
-        content = self.content if isinstance(self.content, str) else [p.model_dump() for p in self.content]
-        return {"role": role, "content": content}
+    def num_images(self) -> int:
+        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImageURLPart) for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .openai_images import engine_messages
 from .openai_protocol import DEFAULT_COMPLETION_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest
 from .openai_responses import ChatFormatter, CompletionFormatter
 from .outputs import RequestOutput
@@ -43,9 +44,9 @@ def engine_error(exc: BaseException) -> APIError:
     name = type(root).__name__
     if isinstance(root, ValueError) or isinstance(exc, ValueError):
         message = str(root).removeprefix("SamplingParams.")
-        field = re.match(r"(\w+)", message)
+        field = re.match(r"(\w+)((?:\[\d+\]|\.\w+)*)", message)  # e.g. messages[0].content[1]
         known = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
-        return APIError(400, message, param=field.group(1) if field and field.group(1) in known else None)
+        return APIError(400, message, param=field.group(0) if field and field.group(1) in known else None)
     if name == "BackPressureError":
         return APIError(429, "the model's request queue is full; retry later", "rate_limit_error",
                         code="rate_limit_exceeded")
@@ -250,7 +251,8 @@ class OpenAIServer:
         except ValueError as err:
             raise engine_error(err) from None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        messages = [m.engine_message() for m in body.messages]
+        messages = engine_messages(body.messages, getattr(self.ctx, "max_images_per_request", 8),
+                                   getattr(self.ctx, "max_image_bytes", 20 * 2**20))
         formatter = ChatFormatter(request_id, self.ctx.model_name, self.ctx.tokenizer, body)
         return await self._respond(self._jobs([messages], body.n, params, request_id), formatter, body, request)
 

@@ -3,16 +3,35 @@
 Each step: running sequences first (decode one token, or the next piece of a prompt), then new sequences from
 the waiting queue while the token budget, `max_num_seqs` and both KV pools allow. When blocks run out, the
 newest running sequence is preempted (its blocks freed; it is recomputed later from its tokens).
+
+Image prompts: the step at position 0 carries the pixel values (an ObjectRef) so the actor encodes them once per
+(re)prefill; sequences that end or are preempted while the actor may hold their features are listed in
+`take_released()` for the next step of that actor.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
 from ..actors.batch import SamplingSpec, SeqStep
 from .block_manager import BlockManager
 from .sampling_params import SamplingParams
+
+
+@dataclass
+class SeqImages:
+    """A prompt's images as the scheduler sees them: opaque pixels (an ObjectRef) and where their rows go."""
+
+    pixels: object
+    patch_positions: list[int]  # prompt positions of the <|patch|> tokens, ascending; one feature row each
+    sent: bool = False  # the actor may hold this sequence's features
+
+    @property
+    def end(self) -> int:
+        """First position after the last image row: prefill past it needs no features."""
+        return self.patch_positions[-1] + 1
 
 
 @dataclass
@@ -28,6 +47,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    images: SeqImages | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -50,6 +70,16 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.released: list[int] = []  # image sequences whose cached features the actor must drop
+
+    def take_released(self) -> list[int]:
+        released, self.released = self.released, []
+        return released
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.images is not None and seq.images.sent:
+            self.released.append(seq.seq_id)
+            seq.images.sent = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,6 +97,9 @@ class Scheduler:
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self.blocks.free(seq.seq_id)
+        self._release(seq)
+        if seq.images is not None:
+            seq.images.pixels = None  # lets Ray free the pixels
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -74,6 +107,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.seq_id)
+        self._release(seq)  # the KV is dropped: features are recomputed with the prefill
         self.running.remove(seq)
         seq.num_computed = 0
         seq.prompt_logprobs = [None]  # recollected, identical, during recompute
@@ -89,6 +123,11 @@ class Scheduler:
             targets = seq.prompt_ids[start + 1 : min(end, len(seq.prompt_ids) - 1) + 1]
         samples = end == seq.num_tokens
         penalized = samples and seq.params.has_penalties
+        pixels, image_offset = None, 0
+        if seq.images is not None and start < seq.images.end:
+            image_offset = bisect_left(seq.images.patch_positions, start)
+            if start == 0:
+                pixels, seq.images.sent = seq.images.pixels, True
         return SeqStep(
             seq_id=seq.seq_id,
             token_ids=seq.all_ids[start:end],
@@ -101,6 +140,8 @@ class Scheduler:
             logprob_targets=targets,
             penalty_prompt_ids=seq.prompt_ids if penalized and seq.params.repetition_penalty != 1 else [],
             penalty_output_ids=seq.output_ids if penalized else [],
+            image_pixels=pixels,
+            image_offset=image_offset,
         )
 
     def schedule(self) -> list[tuple[Sequence, SeqStep]]:

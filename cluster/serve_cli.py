@@ -90,6 +90,7 @@ def main_serve(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         serve.delete(APP_NAME)  # the Engine replicas release their actors and placement groups
+        print(f"llama4serve: application {APP_NAME!r} deleted", flush=True)
         if local:
             serve.shutdown()
             ray.shutdown()

@@ -36,7 +36,10 @@ class ServeConfig(EngineOptions):
     max_queued_requests: int = Field(
         256, ge=1, description="Requests in flight per ingress replica; beyond it new ones get 429 at once."
     )
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted HTTP request body (413 beyond).")
+    max_request_bytes: int = Field(
+        32 << 20, ge=1024,
+        description="Largest accepted HTTP request body (413 beyond); images arrive in it base64-encoded.",
+    )
     max_n: int = Field(8, ge=1, le=128, description="Largest `n` (completions per request) accepted.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request still running after this is aborted.")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (CLI only).")

@@ -357,9 +357,12 @@ BAD_INPUTS = [
      "messages[0].role", ["'system'", "'user'", "'assistant'", "'robot'"]),
     ("tool role", CHAT, {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role",
      ["'tool'"]),
-    ("image part", CHAT, {"model": MODEL, "messages": [
+    ("remote image url", CHAT, {"model": MODEL, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
-     "messages[0].content", ["'image_url'", "text"]),
+     "messages[0].content[0]", ["not fetched", "data:image/png;base64"]),
+    ("audio part", CHAT, {"model": MODEL, "messages": [
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     400, "messages[0].content", ["'input_audio'", "'text' and 'image_url'"]),
     ("missing content", CHAT, {"model": MODEL, "messages": [{"role": "user"}]}, 400, "messages[0].content",
      ["required"]),
     ("empty prompt", CMPL, {"model": MODEL, "prompt": ""}, 400, "prompt", ["empty"]),
