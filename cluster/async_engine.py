@@ -188,11 +188,10 @@ class AsyncEngine:
         """Exports the gauges and token counts, and collects the attention actors' counts (between steps)."""
         if self.core.failure is not None:
             return
+        gathered = asyncio.gather(*(r.actor.take_metrics.remote() for r in self.core.replicas))
+        gathered.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when cancelled
         try:
-            taken = await asyncio.wait_for(
-                asyncio.gather(*(r.actor.take_metrics.remote() for r in self.core.replicas)),
-                timeout=self.core.config.collective_timeout_s,
-            )
+            taken = await asyncio.wait_for(gathered, timeout=self.core.config.collective_timeout_s)
         except Exception:  # a dead actor fails the next step; metrics must not fail first
             logger.warning("could not collect the data-plane metrics", exc_info=True)
             taken = []
