@@ -78,3 +78,19 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     for _ in range(max_new_tokens):
         ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def perturb_parameters(module: torch.nn.Module, seed: int) -> None:
+    """transformers initialises biases to 0 and norms to 1; make every parameter count."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * noise)
+            elif p.dim() == 2:
+                p.copy_(noise * p.shape[1] ** -0.5)
+            else:
+                p.copy_(noise * p.shape[0] ** -0.5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_reference import perturb_parameters
 from llama4serve.actors.checkpoint import CheckpointReader
 from llama4serve.actors.config import load_model_config
 from llama4serve.actors.vision import VisionEncoder, merge_image_features, vision_weight_shapes
@@ -38,22 +39,6 @@ def _rel_close(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4) -> None
     assert ours.shape == ref.shape
     err = (ours - ref).abs().max() / ref.abs().max()
     assert err <= rel, f"max |ours - ref| / max |ref| = {err:.2e} > {rel:.0e}"
-
-
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """transformers initialises biases to 0 and norms to 1; make every parameter count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * noise)
-            elif p.dim() == 2:
-                p.copy_(noise * p.shape[1] ** -0.5)
-            else:
-                p.copy_(noise * p.shape[0] ** -0.5)
 
 
 def _vision_config(name: str):
@@ -95,8 +80,8 @@ def test_encoder_layer_and_adapter_match_reference_modules(name):
     torch.manual_seed(0)
     layer = hf.Llama4VisionEncoderLayer(cfg).eval()
     adapter = hf.Llama4VisionPixelShuffleMLP(cfg).eval()
-    _perturb(layer, 1)
-    _perturb(adapter, 2)
+    perturb_parameters(layer, 1)
+    perturb_parameters(adapter, 2)
     side = cfg.image_size // cfg.patch_size
     freqs = hf.Llama4VisionRotaryEmbedding._compute_freqs_ci(cfg)
     x = torch.randn(3, side * side + 1, cfg.hidden_size)
@@ -124,8 +109,8 @@ def hf_checkpoint(request, tmp_path_factory):
     cfg = transformers.Llama4Config(text_config=TEXT, vision_config=VISION_CONFIGS[request.param],
                                     image_token_index=IMAGE_TOKEN, boi_token_index=BOI, eoi_token_index=EOI)
     model = transformers.Llama4ForConditionalGeneration(cfg).eval()
-    _perturb(model.vision_model, 3)
-    _perturb(model.multi_modal_projector, 4)
+    perturb_parameters(model.vision_model, 3)
+    perturb_parameters(model.multi_modal_projector, 4)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path, max_shard_size="300KB")
     return path, model

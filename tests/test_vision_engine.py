@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from hf_reference import SCOUT_LIKE
+from hf_reference import SCOUT_LIKE, perturb_parameters
 from llama4serve.cluster import LLM, SamplingParams
 from llama4serve.cluster.checkpoint_maker import processor_config
 from llama4serve.cluster.image_processor import ImageProcessor
@@ -39,20 +39,6 @@ def _png(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _perturb(module: torch.nn.Module, seed: int) -> None:
-    """transformers initialises biases to 0 and norms to 1; make every vision parameter count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            elif "norm" in name:
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(noise * p.shape[-1] ** -0.5)
-
-
 def _prompt(name: str) -> dict:
     text, sizes = PROMPTS[name]
     return {"prompt": text, "images": [_png(w, h, seed=i + 7 * len(sizes)) for i, (w, h) in enumerate(sizes)]}
@@ -70,8 +56,8 @@ def setup(ray_session, tmp_path_factory):
         boi_token_index=special_token_id("<|image_start|>"), eoi_token_index=special_token_id("<|image_end|>"),
     )
     model = transformers.Llama4ForConditionalGeneration(cfg).eval()
-    _perturb(model.vision_model, 1)
-    _perturb(model.multi_modal_projector, 2)
+    perturb_parameters(model.vision_model, 1)
+    perturb_parameters(model.multi_modal_projector, 2)
     model.save_pretrained(path, max_shard_size="300KB")
     write_tokenizer_files(path, 4096)
     (path / "processor_config.json").write_text(json.dumps(processor_config(cfg.to_dict())))
