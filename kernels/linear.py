@@ -1,34 +1,86 @@
-"""Linear layers over weights packed once at load time for the CPU GEMM that suits decode.
+"""Linear layers over weights packed once at load time for the CPU kernels that suit decode.
 
 Shapes: N rows, K input features, M output features.
 
-On CPU, MKL's sgemm repacks the whole weight on every call when N is small (2..64 decode rows): about 3 GB/s
-where a GEMV streams 20 GB/s. oneDNN's inner product over a weight reordered once (`_reorder_linear_weight`)
-keeps 15-25 GB/s from N = 1 up and is about twice as fast at N = 32. Elsewhere (CUDA, builds without oneDNN,
-float16) the weight stays a plain input-major tensor [K, M] and `linear` is `x @ w`.
+float32 on CPUs with AVX-512: our own panel kernel (`panel_linear.c`, built by `kernels/native.py`). It streams
+a batch-1 GEMV at the machine's read bandwidth (oneDNN: about 60 %, MKL's sgemm: a repack of the whole weight
+on every call for small N), beats oneDNN from N = 1 to a few hundred rows, and accumulates every output in the
+same order whatever the batch, so a sequence's numbers do not depend on what it is batched with.
+Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder_linear_weight`). Elsewhere
+(CUDA, float16, builds without oneDNN) the weight stays a plain input-major tensor [K, M] and `linear` is `x @ w`.
 """
+
+from __future__ import annotations
+
+import ctypes
 
 import torch
 
-_PACKED_DTYPES = (torch.float32, torch.bfloat16)
+from . import native
+
+_PANEL = 64  # output columns per panel (NR in panel_linear.c)
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def pack_weight(weight_t: torch.Tensor) -> torch.Tensor:
-    """weight_t [K, M] input-major -> the weight `linear` takes: a oneDNN-blocked [M, K] tensor on CPU, else
-    weight_t made contiguous."""
-    cpu = weight_t.device.type == "cpu" and torch.backends.mkldnn.is_available()
-    if not cpu or weight_t.dtype not in _PACKED_DTYPES:
+def _panel_kernel():
+    lib = native.load("panel_linear")
+    if lib is None:
+        return None
+    fn = lib.panel_linear_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    fn.restype = None
+    return fn
+
+
+class PanelWeight:
+    """A float32 weight [K, M] in the panel layout of `panel_linear.c`: panels [ceil(M / 64), K, 64]."""
+
+    def __init__(self, weight_t: torch.Tensor):
+        k, m = weight_t.shape
+        padded = torch.zeros(k, -(-m // _PANEL) * _PANEL, dtype=torch.float32)
+        padded[:, :m] = weight_t
+        self.panels = padded.view(k, -1, _PANEL).transpose(0, 1).contiguous()
+        self.shape = (k, m)
+
+    def to_dense(self) -> torch.Tensor:
+        k, m = self.shape
+        return self.panels.transpose(0, 1).reshape(k, -1)[:, :m].contiguous()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        k, m = self.shape
+        rows = x.reshape(-1, k).to(torch.float32).contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
+        out = torch.empty(rows.shape[0], m, dtype=torch.float32)
+        if rows.shape[0]:
+            _panel_kernel()(rows.data_ptr(), self.panels.data_ptr(), None if bias is None else bias.data_ptr(),
+                            out.data_ptr(), rows.shape[0], k, m)
+        return out.view(*x.shape[:-1], m)
+
+
+def pack_weight(weight_t: torch.Tensor) -> torch.Tensor | PanelWeight:
+    """weight_t [K, M] input-major -> the weight `linear` takes: a `PanelWeight` for float32 on CPUs with the
+    native kernel, a oneDNN-blocked [M, K] tensor on other CPUs, else weight_t made contiguous."""
+    if weight_t.device.type != "cpu":
         return weight_t.contiguous()
-    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous())
+    if weight_t.dtype == torch.float32 and _panel_kernel() is not None:
+        return PanelWeight(weight_t)
+    if torch.backends.mkldnn.is_available() and weight_t.dtype in _ONEDNN_DTYPES:
+        return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous())
+    return weight_t.contiguous()
 
 
-def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
+def unpack_weight(weight: torch.Tensor | PanelWeight) -> torch.Tensor:
     """The inverse of `pack_weight`: a plain input-major [K, M] tensor."""
+    if isinstance(weight, PanelWeight):
+        return weight.to_dense()
     return weight.to_dense().t() if weight.is_mkldnn else weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | PanelWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight (from `pack_weight`, or a plain [K, M] tensor) (+ bias [M]) -> [..., M]."""
+    if isinstance(weight, PanelWeight):
+        return weight(x, bias)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:

@@ -1,12 +1,15 @@
 """Each kernel against a plain-torch reference written here (loops, explicit formulas)."""
 
+import ctypes
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from llama4serve.kernels.attention import additive_mask, attention_mask, batched_attention
-from llama4serve.kernels.linear import linear, pack_weight, unpack_weight
+from llama4serve.kernels import linear as linear_module, native
+from llama4serve.kernels.linear import PanelWeight, linear, pack_weight, unpack_weight
 from llama4serve.kernels.moe import grouped_swiglu, route_topk, swiglu
 from llama4serve.kernels.norms import l2_norm, rms_norm
 from llama4serve.kernels.rope import apply_rope, rope_freqs_cis, rope_inv_freq, temperature_scales
@@ -119,9 +122,12 @@ def test_additive_mask_gives_the_same_attention_as_the_boolean_mask():
     torch.testing.assert_close(batched_attention(q, k, v, add, 0.3), batched_attention(q, k, v, mask, 0.3))
 
 
+@pytest.mark.parametrize("native_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 3, 32])
-def test_packed_linear_matches_matmul(dtype, rows):
+def test_packed_linear_matches_matmul(dtype, rows, native_kernel, monkeypatch):
+    if not native_kernel:  # the oneDNN path that CPUs without AVX-512 or a compiler take
+        monkeypatch.setattr(linear_module, "_panel_kernel", lambda: None)
     w_t = torch.randn(24, 40).to(dtype)  # [in, out]
     bias = torch.randn(40).to(dtype)
     x = torch.randn(rows, 24).to(dtype)
@@ -134,6 +140,39 @@ def test_packed_linear_matches_matmul(dtype, rows):
     torch.testing.assert_close(linear(x, w_t, bias).float(), ref + bias.float(), **tol)  # unpacked fallback
     x3 = torch.randn(2, 5, 24).to(dtype)[:, ::2]  # non-contiguous, 3-D
     torch.testing.assert_close(linear(x3, packed).float(), x3.float() @ w_t.float(), **tol)
+
+
+def _needs_panel_kernel():
+    reason = native.unavailable_reason()
+    if reason is not None and "AVX-512" in reason:
+        pytest.skip(reason)  # every other reason (no compiler, a failed build) fails below
+    assert native.load("panel_linear") is not None, reason
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (7, 16), (24, 63), (24, 64), (40, 65), (512, 200)])
+def test_panel_linear_matches_matmul_and_is_batch_invariant(k, m):
+    _needs_panel_kernel()
+    w_t, bias = torch.randn(k, m), torch.randn(m)
+    packed = pack_weight(w_t)
+    assert isinstance(packed, PanelWeight) and torch.equal(unpack_weight(packed), w_t)
+    x = torch.randn(45, k)
+    for rows in (0, 1, 2, 5, 6, 7, 13, 45):
+        torch.testing.assert_close(linear(x[:rows], packed, bias), x[:rows] @ w_t + bias, atol=1e-4, rtol=1e-4)
+    full = linear(x, packed)
+    for i in (0, 6, 44):  # bit for bit the same row whatever else is in the batch
+        assert torch.equal(linear(x[i : i + 1], packed), full[i : i + 1])
+
+
+def test_native_build_is_cached_and_can_be_disabled(tmp_path, monkeypatch):
+    _needs_panel_kernel()
+    monkeypatch.setenv("LLAMA4SERVE_KERNEL_CACHE", str(tmp_path))
+    source = Path(native.__file__).with_name("panel_linear.c")
+    built = native._build(source)
+    assert built.parent == tmp_path and native._build(source) == built  # second call reuses the file
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    assert ctypes.CDLL(str(built)).panel_linear_abi() == 1
+    monkeypatch.setenv("LLAMA4SERVE_NATIVE_KERNELS", "0")
+    assert "LLAMA4SERVE_NATIVE_KERNELS=0" in native.unavailable_reason()
 
 
 def test_router_top1_sigmoid():

@@ -1,0 +1,76 @@
+"""Native CPU kernels: C sources next to this file, compiled once per machine with the system C compiler and
+loaded with ctypes. No torch headers are involved, so a build takes about a second.
+
+A library is built into `$LLAMA4SERVE_KERNEL_CACHE` (default `~/.cache/llama4serve/kernels`) under a name
+derived from its source and flags, written to a temporary file and renamed, so that actors starting at once on
+one machine never load a half-written file. Anything missing (no compiler, a CPU without AVX-512, a failed
+build, `LLAMA4SERVE_NATIVE_KERNELS=0`) makes `load` return None and the callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_BUILD_TIMEOUT_S = 120.0
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA4SERVE_KERNEL_CACHE") or Path.home() / ".cache" / "llama4serve" / "kernels")
+
+
+def unavailable_reason() -> str | None:
+    """Why native kernels cannot be used in this process, or None when they can."""
+    if os.environ.get("LLAMA4SERVE_NATIVE_KERNELS", "1") == "0":
+        return "disabled by LLAMA4SERVE_NATIVE_KERNELS=0"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return f"the CPU lacks AVX-512 (torch reports {torch.backends.cpu.get_cpu_capability()})"
+    if not shutil.which(os.environ.get("CC", "cc")):
+        return "no C compiler (cc) on PATH"
+    return None
+
+
+def _build(source: Path) -> Path:
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(source), "-o", tmp], check=True, capture_output=True, text=True,
+                       timeout=_BUILD_TIMEOUT_S)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@cache
+def load(name: str) -> ctypes.CDLL | None:
+    """The library built from kernels/<name>.c, or None (with the reason logged once) when unavailable."""
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            return ctypes.CDLL(str(_build(Path(__file__).with_name(f"{name}.c"))))
+        except subprocess.CalledProcessError as err:
+            reason = f"build failed: {err.stderr.strip()[-500:]}"
+        except (OSError, subprocess.TimeoutExpired) as err:
+            reason = f"build or load failed: {err}"
+    logger.info("native kernel %s not used (%s); falling back to torch", name, reason)
+    return None
