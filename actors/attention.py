@@ -101,15 +101,18 @@ class AttentionActor:
         seconds, self.all_to_all_seconds = self.all_to_all_seconds, []
         return {"expert_tokens": self.expert_load.take(), "all_to_all_seconds": seconds}
 
-    def step(self, batch: StepBatch) -> list[SeqOutput]:
+    def step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
+        """The step's outputs, one per sequence; with batch.num_steps > 1 one such list per decode step."""
         if not batch.seqs:
             if self.router is not None:
-                self.router.idle_step(batch.moe_capacity)  # every rank joins every collective
-            return []
+                for _ in range(batch.num_steps):
+                    self.router.idle_step(batch.moe_capacity)  # every rank joins every collective
+            return [] if batch.num_steps == 1 else [[] for _ in range(batch.num_steps)]
+        run = self.runner.step if batch.num_steps == 1 else self.runner.multi_step
         if self.router is None:
-            return self.runner.step(batch)
+            return run(batch)
         before = self.router.exchange_seconds
-        outputs = self.runner.step(batch)
+        outputs = run(batch)
         if len(self.all_to_all_seconds) < 100_000:  # bounded when nobody takes them
             self.all_to_all_seconds.append(self.router.exchange_seconds - before)
         return outputs

@@ -58,6 +58,10 @@ class StepBatch:
     seqs: list[SeqStep]
     moe_capacity: int = 0  # most routed rows any attention rank sends this step (same on every rank)
     released_seq_ids: list[int] = field(default_factory=list)  # finished/aborted/preempted: drop cached features
+    # Multi-step decode: > 1 when every sequence decodes one token and its block tables cover num_steps
+    # positions (all in its current chunk); the actor feeds each sampled token back and returns one list of
+    # outputs per step.
+    num_steps: int = 1
 
 
 @dataclass

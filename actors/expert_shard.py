@@ -42,10 +42,12 @@ class ExpertShardActor:
         self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size)
         return backend
 
-    def run_step(self, capacity: int) -> int:
-        """Serves one engine step: every MoE layer once, in order. Returns rows served."""
+    def run_step(self, capacity: int, num_steps: int = 1) -> int:
+        """Serves one engine step (num_steps decode steps with multi-step scheduling): every MoE layer once per
+        step, in order. Returns rows served."""
         rows = 0
-        for layer in self.cfg.moe_layers:
-            rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity)
+        for _ in range(num_steps):
+            for layer in self.cfg.moe_layers:
+                rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity)
         self.rows_served += rows
         return rows

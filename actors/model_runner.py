@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..kernels.attention import additive_mask, attention_mask
@@ -128,6 +130,20 @@ class ModelRunner:
             logits = self.model.logits(hidden[[starts[b + 1] - 1 for b in sampling]]).float()  # [N, V]
             self._sample([batch.seqs[b] for b in sampling], logits, [outputs[b] for b in sampling])
         return outputs
+
+    def multi_step(self, batch: StepBatch) -> list[list[SeqOutput]]:
+        """batch.num_steps decode steps, each sequence's sampled token fed back as the next step's input (its
+        block tables already cover them): one list of outputs per step."""
+        steps = [self.step(batch)]
+        seqs = batch.seqs
+        for _ in range(batch.num_steps - 1):
+            seqs = [
+                replace(s, token_ids=[out.token_id], start_pos=s.end_pos, num_generated=s.num_generated + 1,
+                        chunk_read_blocks=s.chunk_write_blocks)  # the steps stay inside one chunk
+                for s, out in zip(seqs, steps[-1])
+            ]
+            steps.append(self.step(StepBatch(seqs, batch.moe_capacity)))
+        return steps
 
     @staticmethod
     def _sample(seqs: list[SeqStep], logits: torch.Tensor, outputs: list[SeqOutput]) -> None:

@@ -60,9 +60,9 @@ def measure_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> tuple[float, f
     return raw, gemv
 
 
-def ours_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int, dtype: str) -> float:
+def ours_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int, dtype: str, steps_per_call: int = 1) -> float:
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
-    with LLM(str(model_dir), dtype=dtype) as llm:
+    with LLM(str(model_dir), dtype=dtype, num_scheduler_steps=steps_per_call) as llm:
         llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))  # warm-up
         engine = llm.engine
         engine.add_request(prompt, params)
@@ -145,26 +145,37 @@ def _percentiles(values: list[float]) -> str:
     return f"p50 {pick(0.5):7.1f}  p90 {pick(0.9):7.1f}  p99 {pick(0.99):7.1f} ms"
 
 
-def concurrency_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
+def _ours_concurrently(model_dir: Path, prompts: list[list[int]], args, steps_per_call: int):
+    """(tokens/s, time to first token of each request, inter-token gaps) of the AsyncEngine on all prompts."""
     from .async_engine import AsyncEngine
     from .config import EngineConfig
 
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype=args.dtype, max_num_seqs=len(prompts)))
+    engine = AsyncEngine(EngineConfig(model=str(model_dir), dtype=args.dtype, max_num_seqs=len(prompts),
+                                      num_scheduler_steps=steps_per_call))
     try:
         asyncio.run(_serve_concurrently(engine, prompts[:2], SamplingParams(max_tokens=2, temperature=0)))  # warm-up
         elapsed, ttft, itl = asyncio.run(_serve_concurrently(engine, prompts, params))
     finally:
         engine.shutdown()
-    ours = len(prompts) * args.new_tokens / elapsed
+    return len(prompts) * args.new_tokens / elapsed, ttft, itl
+
+
+def concurrency_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
+    k = args.num_scheduler_steps
+    runs = {"AsyncEngine, 1x0": _ours_concurrently(model_dir, prompts, args, 1),
+            f"AsyncEngine, 1x0, {k} steps/call": _ours_concurrently(model_dir, prompts, args, k)}
     ref = transformers_batch_tps(model_dir, prompts, args.new_tokens, args.dtype)
     print(f"model {model_dir} ({args.dtype}), {len(prompts)} concurrent requests of {args.prompt_tokens} prompt "
           f"tokens, {args.new_tokens} new tokens each, {torch.get_num_threads()} threads")
-    print(f"{'':36} {'tokens/s':>10} {'ours / this':>12}")
-    print(f"{'llama4serve (AsyncEngine, 1x0)':36} {ours:10.1f} {1.0:12.2f}")
-    print(f"{'transformers generate (one batch)':36} {ref:10.1f} {ours / ref:12.2f}")
-    print(f"time to first token    {_percentiles(ttft)}")
-    print(f"inter-token latency    {_percentiles(itl)}")
+    print(f"{'':40} {'tokens/s':>10} {'vs transformers':>16}")
+    for name, (tps, _, _) in runs.items():
+        print(f"{'llama4serve (' + name + ')':40} {tps:10.1f} {tps / ref:16.2f}")
+    print(f"{'transformers generate (one batch)':40} {ref:10.1f} {1.0:16.2f}")
+    for name, (_, ttft, itl) in runs.items():
+        print(f"{name}:")
+        print(f"  time to first token    {_percentiles(ttft)}")
+        print(f"  inter-token latency    {_percentiles(itl)}")
 
 
 def expert_parallel_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
@@ -198,6 +209,8 @@ def add_bench_subcommand(subparsers) -> None:
                         "with time to first token and inter-token latency; "
                         "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--num-scheduler-steps", type=int, default=8,
+                   help="decode steps per actor call (num_scheduler_steps) of the multi-step rows")
     p.set_defaults(func=main_bench)
 
 
@@ -218,15 +231,17 @@ def main_bench(args: argparse.Namespace) -> int:
     step_bytes = decode_weight_bytes(cfg, args.dtype)
     floor_tps = bandwidth / step_bytes
     ours = ours_decode_tps(model_dir, prompt, args.new_tokens, args.dtype)
+    multi = ours_decode_tps(model_dir, prompt, args.new_tokens, args.dtype, args.num_scheduler_steps)
     ref = transformers_decode_tps(model_dir, prompt, args.new_tokens, args.dtype)
     print(f"model {model_dir} ({args.dtype}), prompt {args.prompt_tokens} tokens, {args.new_tokens} decode steps, "
           f"{torch.get_num_threads()} threads")
     print(f"measured read bandwidth      {bandwidth / 1e9:8.2f} GB/s (sum over 512 MiB)")
     print(f"measured GEMV bandwidth      {gemv_bandwidth / 1e9:8.2f} GB/s (batch-1 matmul over 512 MiB)")
     print(f"weight bytes per decode step {step_bytes / 1e6:8.1f} MB")
-    print(f"{'':28} {'tokens/s':>10} {'ours / this':>12}")
-    print(f"{'llama4serve (batch 1)':28} {ours:10.1f} {1.0:12.2f}")
-    print(f"{'transformers generate':28} {ref:10.1f} {ours / ref:12.2f}")
-    print(f"{'bandwidth floor (read)':28} {floor_tps:10.1f} {ours / floor_tps:12.2f}")
-    print(f"{'bandwidth floor (GEMV)':28} {gemv_bandwidth / step_bytes:10.1f} {ours * step_bytes / gemv_bandwidth:12.2f}")
+    print(f"{'':36} {'tokens/s':>10} {'ours / this':>12} {'multi-step / this':>18}")
+    print(f"{'llama4serve (batch 1)':36} {ours:10.1f} {1.0:12.2f} {multi / ours:18.2f}")
+    print(f"{f'llama4serve ({args.num_scheduler_steps} steps per call)':36} {multi:10.1f} {ours / multi:12.2f} {1.0:18.2f}")
+    for name, tps in (("transformers generate", ref), ("bandwidth floor (read)", floor_tps),
+                      ("bandwidth floor (GEMV)", gemv_bandwidth / step_bytes)):
+        print(f"{name:36} {tps:10.1f} {ours / tps:12.2f} {multi / tps:18.2f}")
     return 0

@@ -84,6 +84,18 @@ class BlockManager:
         full, chunk = self._needs(self.seqs.get(seq_id, SeqBlocks()), end)
         return full <= self.full_pool.num_free and chunk <= self.chunk_pool.num_free
 
+    def steps_left_in_chunk(self, pos: int) -> int:
+        """Decode steps from position `pos` whose block tables stay in pos's attention chunk: positions
+        pos .. pos + n - 1 with pos + n still inside it (a table ending on a chunk boundary retires the chunk).
+        Unbounded without a chunk pool."""
+        return self.chunk_size - 1 - pos % self.chunk_size if self.uses_chunk else 1 << 30
+
+    def can_extend(self, starts: list[int], seq_ids: list[int], num_steps: int) -> bool:
+        """Whether the free blocks cover positions [start, start + num_steps) of all these sequences at once."""
+        needs = [self._needs(self.seqs.get(i, SeqBlocks()), start + num_steps) for i, start in zip(seq_ids, starts)]
+        return (sum(f for f, _ in needs) <= self.full_pool.num_free
+                and sum(c for _, c in needs) <= self.chunk_pool.num_free)
+
     def blocks_for_length(self, length: int) -> tuple[int, int]:
         """(full, chunk) blocks a sequence of `length` tokens holds at most (admission bound)."""
         full = _ceil_div(length, self.block_size) if self.uses_full else 0

@@ -28,6 +28,11 @@ class EngineOptions(BaseModel):
     )
     max_num_seqs: int = Field(64, ge=1, description="Sequences running at once per attention actor.")
     max_num_batched_tokens: int = Field(2048, ge=1, description="Tokens per step (chunked prefill budget).")
+    num_scheduler_steps: int = Field(
+        1, ge=1, le=64,
+        description="Decode steps per data-plane call while every running sequence decodes and none waits "
+        "(multi-step scheduling): fewer round trips; streamed tokens arrive in bursts of this many.",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per actor; default: cores.")
     seed: int = Field(0, ge=0, description="Seed for requests that give none.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(

@@ -262,23 +262,31 @@ class EngineCore:
         # With expert actors every rank joins every step's collectives, idle attention actors included.
         stepping = [(r, sch) for r, sch in plans if sch or self.experts]
         capacity = max(sum(len(s.token_ids) for _, s in sch) for _, sch in plans) * self.model_cfg.num_experts_per_tok
-        refs = [r.actor.step.remote(StepBatch([s for _, s in sch], capacity, r.scheduler.take_released()))
-                for r, sch in stepping]
-        refs += [x.run_step.remote(capacity) for x in self.experts]
-        return stepping, refs
+        steps = [r.scheduler.decode_steps_limit(sch, self.config.num_scheduler_steps, self.max_model_len)
+                 for r, sch in stepping]
+        if self.experts:  # every rank runs the same number of steps
+            steps = [min(steps)] * len(steps)
+        refs = []
+        for (r, sch), k in zip(stepping, steps):
+            r.scheduler.extend_decode(sch, k)
+            refs.append(r.actor.step.remote(StepBatch([s for _, s in sch], capacity, r.scheduler.take_released(), k)))
+        refs += [x.run_step.remote(capacity, min(steps)) for x in self.experts]
+        return [(r, sch, k) for (r, sch), k in zip(stepping, steps)], refs
 
     def apply_step(self, stepping: list, results: list) -> list[Sequence]:
-        """Records a finished step's tokens; returns the sequences that finished in it."""
+        """Records a finished step's tokens (every decode step's, in order, after a multi-step call); returns
+        the sequences that finished in it. Tokens a sequence sampled after finishing are dropped."""
         finished = []
-        for (replica, scheduled), outputs in zip(stepping, results):
-            for (seq, step), out in zip(scheduled, outputs):
-                if seq.finish_reason is not None:  # aborted while the step ran
-                    continue
-                seq.num_computed = step.end_pos
-                replica.blocks.finish_step(seq.seq_id)
-                seq.prompt_logprobs.extend(out.prompt_logprobs)
-                if out.token_id is not None and self._append(replica, seq, out):
-                    finished.append(seq)
+        for (replica, scheduled, num_steps), result in zip(stepping, results):
+            for j, outputs in enumerate([result] if num_steps == 1 else result):
+                for (seq, step), out in zip(scheduled, outputs):
+                    if seq.finish_reason is not None:  # aborted while the step ran, or finished at an earlier step
+                        continue
+                    seq.num_computed = step.end_pos + j
+                    replica.blocks.finish_step(seq.seq_id)
+                    seq.prompt_logprobs.extend(out.prompt_logprobs)
+                    if out.token_id is not None and self._append(replica, seq, out):
+                        finished.append(seq)
         return finished
 
     def fail(self, err: DataPlaneError) -> None:

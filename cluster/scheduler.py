@@ -144,6 +144,33 @@ class Scheduler:
             image_offset=image_offset,
         )
 
+    def decode_steps_limit(self, scheduled: list[tuple[Sequence, SeqStep]], max_steps: int, max_model_len: int) -> int:
+        """How many decode steps the scheduled batch may run in one actor call (multi-step scheduling), >= 1.
+
+        More than one only when nobody waits for admission and every scheduled sequence decodes one token
+        without penalties (the actor feeds each sampled token back itself); the steps stay within every
+        sequence's max_tokens, max_model_len and current attention chunk, and the free blocks cover them all.
+        """
+        if max_steps <= 1 or self.waiting:
+            return 1
+        k = max_steps
+        for seq, step in scheduled:
+            if len(step.token_ids) != 1 or step.sampling is None or seq.params.has_penalties:
+                return 1
+            k = min(k, seq.params.max_tokens - len(seq.output_ids), max_model_len - step.end_pos,
+                    self.blocks.steps_left_in_chunk(step.start_pos))
+        k = max(k, 1)
+        return k if not scheduled or self.blocks.can_extend([step.start_pos for _, step in scheduled],
+                                           [seq.seq_id for seq, _ in scheduled], k) else 1
+
+    def extend_decode(self, scheduled: list[tuple[Sequence, SeqStep]], num_steps: int) -> None:
+        """Grows the block tables of the scheduled decode steps to cover `num_steps` positions each."""
+        for seq, step in scheduled:
+            if num_steps > 1:
+                step.full_blocks, _, step.chunk_write_blocks = self.blocks.append(
+                    seq.seq_id, step.end_pos, step.start_pos + num_steps
+                )
+
     def schedule(self) -> list[tuple[Sequence, SeqStep]]:
         """The work of the next step; empty when nothing can run."""
         budget = self.max_num_batched_tokens

@@ -2,7 +2,7 @@
 
 Shapes: N rows, K input features, M output features.
 
-float32 on CPUs with AVX-512: our own panel kernel (`panel_linear.c`, built by `kernels/native.py`). It streams
+float32 on CPUs with AVX-512: our own panel kernel (`panel_linear_f32` in `cpu_kernels.c`, built by `kernels/native.py`). It streams
 a batch-1 GEMV at the machine's read bandwidth (oneDNN: about 60 %, MKL's sgemm: a repack of the whole weight
 on every call for small N), beats oneDNN from N = 1 to a few hundred rows, and accumulates every output in the
 same order whatever the batch, so a sequence's numbers do not depend on what it is batched with.
@@ -12,28 +12,21 @@ Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from . import native
 
-_PANEL = 64  # output columns per panel (NR in panel_linear.c)
+_PANEL = 64  # output columns per panel (NR in cpu_kernels.c)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _panel_kernel():
-    lib = native.load("panel_linear")
-    if lib is None:
-        return None
-    fn = lib.panel_linear_f32
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn.restype = None
-    return fn
+    lib = native.cpu_kernels()
+    return None if lib is None else lib.panel_linear_f32
 
 
 class PanelWeight:
-    """A float32 weight [K, M] in the panel layout of `panel_linear.c`: panels [ceil(M / 64), K, 64]."""
+    """A float32 weight [K, M] in the panel layout of `cpu_kernels.c`: panels [ceil(M / 64), K, 64]."""
 
     def __init__(self, weight_t: torch.Tensor):
         k, m = weight_t.shape
@@ -56,6 +49,19 @@ class PanelWeight:
             _panel_kernel()(rows.data_ptr(), self.panels.data_ptr(), None if bias is None else bias.data_ptr(),
                             out.data_ptr(), rows.shape[0], k, m)
         return out.view(*x.shape[:-1], m)
+
+
+def panel_swiglu(x: torch.Tensor, gate_up: PanelWeight, down: PanelWeight) -> torch.Tensor:
+    """SwiGLU in one native call: x [T, H] -> (silu(x @ gate) * (x @ up)) @ down [T, H] (gate = the first I
+    columns of gate_up [H, 2I]; down [I, H])."""
+    h, two_i = gate_up.shape
+    rows = x.reshape(-1, h).to(torch.float32).contiguous()
+    out = torch.empty(rows.shape[0], down.shape[1], dtype=torch.float32)
+    if rows.shape[0]:
+        scratch = torch.empty(rows.shape[0], two_i, dtype=torch.float32)
+        native.cpu_kernels().swiglu_f32(rows.data_ptr(), gate_up.panels.data_ptr(), down.panels.data_ptr(),
+                                        scratch.data_ptr(), out.data_ptr(), rows.shape[0], h, two_i // 2)
+    return out.view(*x.shape[:-1], down.shape[1])
 
 
 def pack_weight(weight_t: torch.Tensor) -> torch.Tensor | PanelWeight:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
+from .linear import PanelWeight, linear, panel_swiglu
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -18,6 +18,8 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     Dense layers, the shared expert and each routed expert all use this. Input-major weights make the batch-1
     GEMV read memory contiguously (about twice the bandwidth of `F.linear` on [out, in] weights on CPU).
     """
+    if isinstance(gate_up, PanelWeight) and isinstance(down, PanelWeight):
+        return panel_swiglu(x, gate_up, down)  # one native call, no intermediate torch ops
     gate, up = linear(x, gate_up).chunk(2, dim=-1)  # [T, I] each
     return linear(F.silu(gate) * up, down)
 
@@ -55,8 +57,11 @@ def grouped_swiglu(
     counts = torch.bincount(local_ids, minlength=len(gate_up)).tolist()
     experts = [e for e, n in enumerate(counts) if n]
     sizes = [counts[e] for e in experts]
-    # Per expert only the two GEMMs; the activation runs once over all rows.
     x_groups = x[order].split(sizes)
+    if isinstance(gate_up[experts[0]], PanelWeight):  # one native call per expert
+        out_sorted = torch.cat([swiglu(xe, gate_up[e], down[e]) for e, xe in zip(experts, x_groups)])
+        return torch.empty_like(x).index_copy_(0, order, out_sorted)
+    # Per expert only the two GEMMs; the activation runs once over all rows.
     gate, up = torch.cat([linear(xe, gate_up[e]) for e, xe in zip(experts, x_groups)]).chunk(2, dim=-1)  # [N, I]
     h_groups = (F.silu(gate) * up).split(sizes)
     out_sorted = torch.cat([linear(he, down[e]) for e, he in zip(experts, h_groups)])  # [N, H]

@@ -23,7 +23,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _BUILD_TIMEOUT_S = 120.0
 
 
@@ -74,3 +74,20 @@ def load(name: str) -> ctypes.CDLL | None:
             reason = f"build or load failed: {err}"
     logger.info("native kernel %s not used (%s); falling back to torch", name, reason)
     return None
+
+
+@cache
+def cpu_kernels() -> ctypes.CDLL | None:
+    """cpu_kernels.c with its functions' signatures set, or None (callers keep their torch path)."""
+    lib = load("cpu_kernels")
+    if lib is not None:
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        signatures = {
+            "panel_linear_f32": [ptr, ptr, ptr, ptr, i64, i64, i64],
+            "swiglu_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64],
+            "rms_norm_f32": [ptr, ptr, ptr, i64, i64, ctypes.c_float],
+        }
+        for name, argtypes in signatures.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+    return lib

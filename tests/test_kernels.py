@@ -18,10 +18,12 @@ from llama4serve.kernels.sampling import sample_tokens, token_logprobs
 torch.manual_seed(0)
 
 
-def test_rms_norm_and_l2_norm():
-    x = torch.randn(5, 3, 16)
-    w = torch.randn(16)
-    ref = torch.stack([v / math.sqrt((v * v).mean() + 1e-5) for v in x.reshape(-1, 16)]).reshape(x.shape)
+@pytest.mark.parametrize("dim", [16, 20, 512])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])  # strided: the torch fallback
+def test_rms_norm_and_l2_norm(dim, layout):
+    x = torch.randn(5, 3, 2 * dim)[..., :dim] if layout == "strided" else torch.randn(5, 3, dim)
+    w = torch.randn(dim)
+    ref = torch.stack([v / math.sqrt((v * v).mean() + 1e-5) for v in x.reshape(-1, dim)]).reshape(x.shape)
     torch.testing.assert_close(rms_norm(x, w, 1e-5), ref * w)
     torch.testing.assert_close(l2_norm(x, 1e-5), ref)
     xb = x.bfloat16()
@@ -146,7 +148,7 @@ def _needs_panel_kernel():
     reason = native.unavailable_reason()
     if reason is not None and "AVX-512" in reason:
         pytest.skip(reason)  # every other reason (no compiler, a failed build) fails below
-    assert native.load("panel_linear") is not None, reason
+    assert native.cpu_kernels() is not None, reason
 
 
 @pytest.mark.parametrize("k,m", [(1, 1), (7, 16), (24, 63), (24, 64), (40, 65), (512, 200)])
@@ -166,11 +168,11 @@ def test_panel_linear_matches_matmul_and_is_batch_invariant(k, m):
 def test_native_build_is_cached_and_can_be_disabled(tmp_path, monkeypatch):
     _needs_panel_kernel()
     monkeypatch.setenv("LLAMA4SERVE_KERNEL_CACHE", str(tmp_path))
-    source = Path(native.__file__).with_name("panel_linear.c")
+    source = Path(native.__file__).with_name("cpu_kernels.c")
     built = native._build(source)
     assert built.parent == tmp_path and native._build(source) == built  # second call reuses the file
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
-    assert ctypes.CDLL(str(built)).panel_linear_abi() == 1
+    assert ctypes.CDLL(str(built)).panel_linear_f32 is not None
     monkeypatch.setenv("LLAMA4SERVE_NATIVE_KERNELS", "0")
     assert "LLAMA4SERVE_NATIVE_KERNELS=0" in native.unavailable_reason()
 
@@ -206,6 +208,19 @@ def test_grouped_swiglu_matches_per_token_loop_and_skips_idle_experts():
     packed_gu, packed_dn = [pack_weight(w) for w in gate_up], [pack_weight(w) for w in down]
     torch.testing.assert_close(grouped_swiglu(x, ids, packed_gu, packed_dn), ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grouped_swiglu(x[3:4], ids[3:4], packed_gu, packed_dn), ref[3:4], atol=1e-4, rtol=1e-4)
+
+
+def test_native_swiglu_matches_reference_and_is_batch_invariant():
+    _needs_panel_kernel()
+    h, i = 24, 37  # 37: a masked tail in the activation and a partial panel
+    gate_up, down = torch.randn(h, 2 * i), torch.randn(i, h)
+    x = torch.randn(40, h) * 3  # gate values out to about +-50: both ends of the exp range
+    packed_gu, packed_dn = pack_weight(gate_up), pack_weight(down)
+    ref = _swiglu_reference(x, gate_up[:, :i], gate_up[:, i:], down)
+    for rows in (1, 7, 40):
+        torch.testing.assert_close(swiglu(x[:rows], packed_gu, packed_dn), ref[:rows], atol=1e-3, rtol=1e-4)
+    assert torch.equal(swiglu(x[5:6], packed_gu, packed_dn), swiglu(x, packed_gu, packed_dn)[5:6])
+    assert swiglu(x[:0], packed_gu, packed_dn).shape == (0, h)
 
 
 def test_score_scales_expert_input_not_output():
