@@ -39,6 +39,11 @@ class ExpertLoad:
         self.counts[self.row[layer]].index_add_(0, expert_ids, torch.ones_like(expert_ids))
         return self.routed.start(layer, x, expert_ids, capacity)
 
+    def count(self, layers: list[int], expert_ids: torch.Tensor) -> None:
+        """Adds one row to expert_ids[j] of MoE layer layers[j] (a step whose routing ran elsewhere)."""
+        rows = torch.tensor([self.row[layer] for layer in layers])
+        self.counts.index_put_((rows, expert_ids.to(self.counts.device)), torch.ones_like(rows), accumulate=True)
+
     def take(self) -> torch.Tensor:
         """The counts since the last take, on the CPU: [MoE layers, E] int64."""
         counts, self.counts = self.counts.cpu(), torch.zeros_like(self.counts)
@@ -76,7 +81,7 @@ class AttentionActor:
         images = ImageFeatureCache.create(cfg, reader, torch_dtype)  # None for text-only checkpoints
         reader.close()
         self.kv = KVCache(cfg, num_full_blocks, num_chunk_blocks, block_size, torch_dtype)
-        self.runner = ModelRunner(cfg, model, self.kv, images)
+        self.runner = ModelRunner(cfg, model, self.kv, images, None if self.router else routed)
         self.all_to_all_seconds: list[float] = []  # per step with sequences, since the last take_metrics
 
     def ready(self) -> dict:

@@ -14,6 +14,11 @@ import torch
 from .config import ModelConfig
 
 
+def slots_of(blocks: list[int], positions: range, base: int, block_size: int) -> list[int]:
+    """Slots of `positions` in a block table whose first block starts at position `base`."""
+    return [blocks[(p - base) // block_size] * block_size + (p - base) % block_size for p in positions]
+
+
 class KVCache:
     def __init__(
         self,

@@ -11,19 +11,17 @@ from ..kernels.rope import rope_freqs_cis, rope_inv_freq, temperature_scales
 from ..kernels.sampling import apply_penalties, sample_tokens, token_logprobs
 from .batch import SeqOutput, SeqStep, StepBatch
 from .config import ModelConfig
-from .kv_cache import KVCache
+from .fused_decode import FusedDecode
+from .kv_cache import KVCache, slots_of
 from .model import Llama4TextModel, PoolView, StepMeta
 
 _SEED_STRIDE = 1_000_003
 
 
-def _slots(blocks: list[int], positions: range, base: int, block_size: int) -> list[int]:
-    return [blocks[(p - base) // block_size] * block_size + (p - base) % block_size for p in positions]
-
-
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache, images=None):
-        """images: an `ImageFeatureCache` when the checkpoint takes images."""
+    def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache, images=None, local_experts=None):
+        """images: an `ImageFeatureCache` when the checkpoint takes images. local_experts: the `LocalExperts`
+        when every routed expert is in this process (enables the fused batch-1 decode path)."""
         self.cfg = cfg
         self.model = model
         self.kv = kv
@@ -33,6 +31,7 @@ class ModelRunner:
             cfg.head_dim, r.theta, r.rope_type, r.factor, r.low_freq_factor, r.high_freq_factor,
             r.original_max_position_embeddings,
         )
+        self.fused = FusedDecode.create(cfg, model, kv, local_experts, self.inv_freq)
 
     def chunk_start(self, pos: int) -> int:
         c = self.cfg.attention_chunk_size
@@ -50,9 +49,9 @@ class ModelRunner:
                 write_base, write_blocks = self.chunk_start(s.end_pos), s.chunk_write_blocks
             ctx = range(read_base, s.start_pos)
             write_from = max(s.start_pos, write_base)
-            ctx_slots.append(_slots(read_blocks, ctx, read_base, bs))
+            ctx_slots.append(slots_of(read_blocks, ctx, read_base, bs))
             ctx_pos.append(list(ctx))
-            own_slots.append(_slots(write_blocks, range(write_from, s.end_pos), write_base, bs))
+            own_slots.append(slots_of(write_blocks, range(write_from, s.end_pos), write_base, bs))
             write_rows.extend(range(row + write_from - s.start_pos, row + len(s.token_ids)))
             row += len(s.token_ids)
         width, lq = max(len(x) for x in ctx_slots), q_pos.shape[1]
@@ -107,9 +106,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> list[SeqOutput]:
-        token_ids, meta = self.build_meta(batch)
         image_embeds = self.images.for_step(batch) if self.images is not None else None
-        hidden = self.model.forward(token_ids, meta, self.kv, image_embeds)  # [T, H]
+        if self.fused is not None and self.fused.applies(batch, image_embeds):
+            hidden = self.fused.forward(batch.seqs[0], self.model.routed)  # [1, H]
+        else:
+            token_ids, meta = self.build_meta(batch)
+            hidden = self.model.forward(token_ids, meta, self.kv, image_embeds)  # [T, H]
         outputs = [SeqOutput(seq_id=s.seq_id) for s in batch.seqs]
         starts = [0]
         for s in batch.seqs:
@@ -150,8 +152,9 @@ class ModelRunner:
         specs = [s.sampling for s in seqs]
         # One generator per row, seeded by (request seed, tokens generated so far): the draw depends on nothing
         # else in the batch, and a preempted request redraws the same token.
-        uniform = torch.stack([
-            torch.rand((), generator=torch.Generator().manual_seed((sp.seed * _SEED_STRIDE + s.num_generated) % 2**63))
+        uniform = torch.tensor([
+            float(torch.rand((), generator=torch.Generator().manual_seed((sp.seed * _SEED_STRIDE + s.num_generated) % 2**63)))
+            if sp.temperature > 0 else 0.0  # greedy rows draw nothing
             for s, sp in zip(seqs, specs)
         ])
         chosen = sample_tokens(

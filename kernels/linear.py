@@ -12,6 +12,8 @@ Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from . import native
@@ -20,6 +22,7 @@ _PANEL = 64  # output columns per panel (NR in cpu_kernels.c)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+@cache
 def _panel_kernel():
     lib = native.cpu_kernels()
     return None if lib is None else lib.panel_linear_f32
@@ -34,6 +37,7 @@ class PanelWeight:
         padded[:, :m] = weight_t
         self.panels = padded.view(k, -1, _PANEL).transpose(0, 1).contiguous()
         self.shape = (k, m)
+        self.ptr = self.panels.data_ptr()  # a decode step makes dozens of calls: no per-call lookups
 
     def to_dense(self) -> torch.Tensor:
         k, m = self.shape
@@ -41,27 +45,32 @@ class PanelWeight:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, m = self.shape
-        rows = x.reshape(-1, k).to(torch.float32).contiguous()
-        if bias is not None:
-            bias = bias.contiguous()
+        rows = _rows(x, k)
         out = torch.empty(rows.shape[0], m, dtype=torch.float32)
         if rows.shape[0]:
-            _panel_kernel()(rows.data_ptr(), self.panels.data_ptr(), None if bias is None else bias.data_ptr(),
+            _panel_kernel()(rows.data_ptr(), self.ptr, None if bias is None else bias.contiguous().data_ptr(),
                             out.data_ptr(), rows.shape[0], k, m)
-        return out.view(*x.shape[:-1], m)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], m)
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [..., K] as contiguous float32 rows [N, K] (x itself when it already is)."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.reshape(-1, k).to(torch.float32).contiguous()
 
 
 def panel_swiglu(x: torch.Tensor, gate_up: PanelWeight, down: PanelWeight) -> torch.Tensor:
     """SwiGLU in one native call: x [T, H] -> (silu(x @ gate) * (x @ up)) @ down [T, H] (gate = the first I
     columns of gate_up [H, 2I]; down [I, H])."""
     h, two_i = gate_up.shape
-    rows = x.reshape(-1, h).to(torch.float32).contiguous()
-    out = torch.empty(rows.shape[0], down.shape[1], dtype=torch.float32)
+    rows = _rows(x, h)
+    out = torch.empty(rows.shape[0], h, dtype=torch.float32)
     if rows.shape[0]:
         scratch = torch.empty(rows.shape[0], two_i, dtype=torch.float32)
-        native.cpu_kernels().swiglu_f32(rows.data_ptr(), gate_up.panels.data_ptr(), down.panels.data_ptr(),
-                                        scratch.data_ptr(), out.data_ptr(), rows.shape[0], h, two_i // 2)
-    return out.view(*x.shape[:-1], down.shape[1])
+        native.cpu_kernels().swiglu_f32(rows.data_ptr(), gate_up.ptr, down.ptr, scratch.data_ptr(), out.data_ptr(),
+                                        rows.shape[0], h, two_i // 2)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], h)
 
 
 def pack_weight(weight_t: torch.Tensor) -> torch.Tensor | PanelWeight:

@@ -86,6 +86,7 @@ def cpu_kernels() -> ctypes.CDLL | None:
             "panel_linear_f32": [ptr, ptr, ptr, ptr, i64, i64, i64],
             "swiglu_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64],
             "rms_norm_f32": [ptr, ptr, ptr, i64, i64, ctypes.c_float],
+            "decode_layer_f32": [ptr, ptr, ptr, ptr, ptr],  # structs from actors/fused_decode.py
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes

@@ -1,0 +1,129 @@
+"""Batch-1 decode through one native call per layer (`decode_layer_f32` in kernels/cpu_kernels.c).
+
+A decode step of one sequence reads every weight once, but on the torch path it also runs some forty small
+ops per layer (norms, rotation, cache gathers, softmax, routing), each costing more to dispatch than to compute.
+This path runs a whole layer in one call and one parallel region. It is taken only where it computes what
+`Llama4TextModel.forward` computes (tests compare the two): float32 weights in the native panel layout, top-1
+routing with every expert in this process, and a step of one sequence decoding one token without image rows.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..kernels import native
+from ..kernels.linear import PanelWeight
+from ..kernels.norms import rms_norm
+from ..kernels.rope import rope_freqs_cis, temperature_scales
+from .batch import SeqStep, StepBatch
+from .config import ModelConfig
+from .kv_cache import KVCache, slots_of
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("hidden", _i64), ("q_heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("eps", _f32),
+                ("scale", _f32)]
+
+
+class _Layer(ctypes.Structure):  # DecodeLayer in cpu_kernels.c, field for field
+    _fields_ = [
+        ("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _ptr), ("qkv_bias", _ptr), ("o", _ptr),
+        ("o_bias", _ptr), ("router", _ptr), ("mlp_gate_up", _ptr), ("mlp_down", _ptr), ("expert_gate_up", _ptr),
+        ("expert_down", _ptr), ("mlp_inter", _i64), ("expert_inter", _i64), ("num_experts", _i64),
+        ("k_cache", _ptr), ("v_cache", _ptr), ("ctx_slots", _ptr), ("num_ctx", _i64), ("write_slot", _i64),
+        ("rope", _ptr), ("q_scale", _f32), ("qk_norm", ctypes.c_int32),
+    ]
+
+
+def _ptr_of(t: torch.Tensor | PanelWeight | None) -> int | None:
+    if t is None:
+        return None
+    return t.ptr if isinstance(t, PanelWeight) else t.data_ptr()
+
+
+class FusedDecode:
+    @classmethod
+    def create(cls, cfg: ModelConfig, model, kv: KVCache, experts, inv_freq: torch.Tensor) -> FusedDecode | None:
+        """The fused path for this model, or None where it does not apply. experts: the `LocalExperts` holding
+        every routed expert, or None (experts on expert actors)."""
+        lib = native.cpu_kernels()
+        matrices = [w[name] for w in model.layers for name in ("qkv", "o", "router", "mlp_gate_up", "mlp_down")
+                    if name in w]
+        if cfg.moe_layers:
+            if experts is None or experts.num_local_experts != cfg.num_experts or cfg.num_experts_per_tok != 1:
+                return None
+            matrices += [w for ws in (*experts.packed_gate_up.values(), *experts.packed_down.values()) for w in ws]
+        if lib is None or model.dtype != torch.float32 or not all(isinstance(w, PanelWeight) for w in matrices):
+            return None
+        return cls(cfg, model, kv, experts, inv_freq, lib)
+
+    def __init__(self, cfg: ModelConfig, model, kv: KVCache, experts, inv_freq: torch.Tensor, lib):
+        self.cfg, self.model, self.kv, self.inv_freq, self.fn = cfg, model, kv, inv_freq, lib.decode_layer_f32
+        self.dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.rms_norm_eps, cfg.head_dim**-0.5)
+        self.keep: list = []  # the pointer arrays the layer structs point into
+        self.layers: list[_Layer] = []
+        for i, w in enumerate(model.layers):
+            layer = _Layer(
+                input_norm=_ptr_of(w["input_norm"]), post_norm=_ptr_of(w["post_norm"]), qkv=_ptr_of(w["qkv"]),
+                qkv_bias=_ptr_of(w.get("qkv_bias")), o=_ptr_of(w["o"]), o_bias=_ptr_of(w.get("o_bias")),
+                router=_ptr_of(w.get("router")), mlp_gate_up=_ptr_of(w["mlp_gate_up"]),
+                mlp_down=_ptr_of(w["mlp_down"]), mlp_inter=w["mlp_down"].shape[0],
+                k_cache=kv.layer_k[i].data_ptr(), v_cache=kv.layer_v[i].data_ptr(),
+                qk_norm=int(cfg.use_rope[i] and cfg.use_qk_norm),
+            )
+            if "router" in w:
+                gate_up = (_ptr * cfg.num_experts)(*[p.ptr for p in experts.packed_gate_up[i]])
+                down = (_ptr * cfg.num_experts)(*[p.ptr for p in experts.packed_down[i]])
+                self.keep += [gate_up, down]
+                layer.expert_gate_up, layer.expert_down = ctypes.addressof(gate_up), ctypes.addressof(down)
+                layer.expert_inter, layer.num_experts = cfg.intermediate_size, cfg.num_experts
+            self.layers.append(layer)
+        self.max_inter = max(max(layer.mlp_inter, layer.expert_inter) for layer in self.layers)
+        self.moe_layers = [i for i, layer in enumerate(self.layers) if layer.router]
+
+    @staticmethod
+    def applies(batch: StepBatch, image_rows) -> bool:
+        return len(batch.seqs) == 1 and len(batch.seqs[0].token_ids) == 1 and image_rows is None
+
+    def _pool_slots(self, s: SeqStep) -> dict[str, tuple[torch.Tensor, int]]:
+        """Per pool: (context slots, the slot the token's k/v go to or -1), as the torch path reads and writes."""
+        bs, pos, chunk = self.kv.block_size, s.start_pos, self.cfg.attention_chunk_size
+        out = {}
+        if self.cfg.full_layers:
+            out["full"] = (slots_of(s.full_blocks, range(pos), 0, bs), slots_of(s.full_blocks, range(pos, pos + 1), 0, bs)[0])
+        if self.cfg.chunked_layers:
+            base, write_base = pos // chunk * chunk, (pos + 1) // chunk * chunk
+            write = slots_of(s.chunk_write_blocks, range(pos, pos + 1), write_base, bs)[0] if write_base <= pos else -1
+            out["chunk"] = (slots_of(s.chunk_read_blocks, range(base, pos), base, bs), write)
+        return {pool: (torch.tensor(ctx, dtype=torch.long), write) for pool, (ctx, write) in out.items()}
+
+    @torch.inference_mode()
+    def forward(self, s: SeqStep, expert_load) -> torch.Tensor:
+        """The final-normed hidden state [1, H] of the sequence's one token; counts the routed experts."""
+        cfg, model = self.cfg, self.model
+        position = torch.tensor([s.start_pos])
+        rope = torch.view_as_real(rope_freqs_cis(position, self.inv_freq)).contiguous()  # [1, D/2, 2]
+        q_scale = 1.0
+        if cfg.attn_temperature_tuning:
+            q_scale = float(temperature_scales(position, cfg.floor_scale, cfg.attn_scale)[0])
+        pools = self._pool_slots(s)
+        longest = max(len(ctx) for ctx, _ in pools.values())
+        h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        scratch = torch.empty(5 * h + (2 * hq + 2 * hkv) * d + cfg.num_experts + 2 * self.max_inter + hq * (longest + 1))
+        chosen = torch.empty(len(self.layers), dtype=torch.long)
+        x = model.embed[s.token_ids[0]].clone()
+        for i, layer in enumerate(self.layers):
+            ctx, write = pools[self.kv.pool_of(i)]
+            layer.ctx_slots, layer.num_ctx, layer.write_slot = ctx.data_ptr(), ctx.numel(), write
+            layer.rope = rope.data_ptr() if cfg.use_rope[i] else None
+            layer.q_scale = 1.0 if cfg.use_rope[i] else q_scale
+            self.fn(ctypes.addressof(layer), ctypes.addressof(self.dims), x.data_ptr(), scratch.data_ptr(),
+                    chosen[i:].data_ptr())
+        if self.moe_layers:
+            expert_load.count(self.moe_layers, chosen[self.moe_layers])
+        return rms_norm(x[None], model.norm, cfg.rms_norm_eps)
