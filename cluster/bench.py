@@ -96,7 +96,7 @@ def throughput(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype
     """(generated tokens/s, attention-0's exchange stats over the run) for all prompts submitted at once."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     with LLM(str(model_dir), attention_actors=attention, expert_actors=experts, dtype=dtype,
-             max_num_seqs=len(prompts)) as llm:
+             max_num_seqs=len(prompts), num_scheduler_steps=1) as llm:
         llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
         before = ray.get(llm.engine.replicas[0].actor.exchange_stats.remote())
         t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def decode_suite(model_dir: Path, cfg: ModelConfig, prompt: list[int], args) -> 
     step_bytes = decode_weight_bytes(cfg, args.dtype)
     k = args.num_scheduler_steps
     trials = []
-    with LLM(str(model_dir), dtype=args.dtype) as single, \
+    with LLM(str(model_dir), dtype=args.dtype, num_scheduler_steps=1) as single, \
             LLM(str(model_dir), dtype=args.dtype, num_scheduler_steps=k) as multi:
         for llm in (single, multi):
             llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))  # warm-up

@@ -32,11 +32,16 @@ class LLM:
     """A model instance on the local (or current) Ray cluster.
 
     LLM(model_dir, attention_actors=1, expert_actors=0, dtype="float32", **EngineConfig fields)
+
+    Offline generation has nobody reading tokens as they come, so `num_scheduler_steps` defaults to 8 here
+    (the engine still runs one step per call while any request waits for admission); servers keep 1.
     """
 
-    def __init__(self, model: str, attention_actors: int = 1, expert_actors: int = 0, dtype: str = "auto", **kwargs):
+    def __init__(self, model: str, attention_actors: int = 1, expert_actors: int = 0, dtype: str = "auto",
+                 num_scheduler_steps: int = 8, **kwargs):
         config = EngineConfig(
-            model=str(model), attention_actors=attention_actors, expert_actors=expert_actors, dtype=dtype, **kwargs
+            model=str(model), attention_actors=attention_actors, expert_actors=expert_actors, dtype=dtype,
+            num_scheduler_steps=num_scheduler_steps, **kwargs
         )
         self.engine = EngineCore(config)
 

@@ -21,8 +21,8 @@
 #define NR 64 /* output columns per panel: 4 zmm */
 #define MR 6  /* rows of x per tile: 24 accumulators + 4 weight registers */
 
-/* Single-row tiles stream the panel at DRAM speed: software prefetch into L2 some 32 KB ahead lifts a 1-3 MB
- * matrix (one that ends before the hardware prefetcher ramps up) from about 25 to about 29 GB/s here. */
+/* Software prefetch into L2 some 32 KB ahead of the panel row being read: a decode GEMV over a 1-3 MB matrix
+ * (one that ends before the hardware prefetcher ramps up) streams at about 29 instead of 25 GB/s here. */
 #define PREFETCH_ROWS 128
 static inline void prefetch_row(const float *row) {
     for (int line = 0; line < NR * 4; line += 64) _mm_prefetch((const char *)row + line, _MM_HINT_T1);
@@ -36,7 +36,7 @@ static inline void prefetch_row(const float *row) {
             for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();                                   \
         for (int64_t p = 0; p < k; p++) {                                                                \
             const float *wp = w + p * NR;                                                                \
-            if (I == 1) prefetch_row(wp + PREFETCH_ROWS * NR);                                           \
+            prefetch_row(wp + PREFETCH_ROWS * NR);                                                    \
             __m512 w0 = _mm512_loadu_ps(wp), w1 = _mm512_loadu_ps(wp + 16);                              \
             __m512 w2 = _mm512_loadu_ps(wp + 32), w3 = _mm512_loadu_ps(wp + 48);                         \
             for (int i = 0; i < I; i++) {                                                                \

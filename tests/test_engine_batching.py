@@ -77,7 +77,7 @@ def test_multi_step_decode_matches_one_step_per_call(setup, expert_actors):
     params = [[GREEDY, SEEDED][i % 2] for i in picked]
     params[0] = SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, logprobs=2)  # crosses chunks
     params[1] = dataclasses.replace(SEEDED, stop_token_ids=[stop_at])
-    with LLM(path, dtype="float32", block_size=8, expert_actors=expert_actors) as llm:
+    with LLM(path, dtype="float32", block_size=8, expert_actors=expert_actors, num_scheduler_steps=1) as llm:
         reference = llm.generate([prompts[i] for i in picked], params)
     with LLM(path, dtype="float32", block_size=8, expert_actors=expert_actors, num_scheduler_steps=6) as llm:
         sizes = _count_multi_steps(llm)

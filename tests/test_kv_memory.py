@@ -16,7 +16,8 @@ def test_chunk_pool_bounded_at_long_context(ray_session, tmp_path):
     prompt = torch.randint(3, 290, (8 * CHUNK,), generator=torch.Generator().manual_seed(3)).tolist()
     params = SamplingParams(max_tokens=2 * CHUNK, temperature=0, ignore_eos=True)
     limit = CHUNK // BLOCK + 1
-    with LLM(path, dtype="float32", block_size=BLOCK, max_num_batched_tokens=20) as llm:
+    # One step per call, so that the blocks held can be observed after every step.
+    with LLM(path, dtype="float32", block_size=BLOCK, max_num_batched_tokens=20, num_scheduler_steps=1) as llm:
         engine = llm.engine
         seq = engine.add_request(prompt, params)
         peak_chunk = peak_full = steps = 0
