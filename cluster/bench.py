@@ -168,10 +168,10 @@ def concurrency_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
     ref = transformers_batch_tps(model_dir, prompts, args.new_tokens, args.dtype)
     print(f"model {model_dir} ({args.dtype}), {len(prompts)} concurrent requests of {args.prompt_tokens} prompt "
           f"tokens, {args.new_tokens} new tokens each, {torch.get_num_threads()} threads")
-    print(f"{'':40} {'tokens/s':>10} {'vs transformers':>16}")
+    print(f"{'':48} {'tokens/s':>10} {'vs transformers':>16}")
     for name, (tps, _, _) in runs.items():
-        print(f"{'llama4serve (' + name + ')':40} {tps:10.1f} {tps / ref:16.2f}")
-    print(f"{'transformers generate (one batch)':40} {ref:10.1f} {1.0:16.2f}")
+        print(f"{'llama4serve (' + name + ')':48} {tps:10.1f} {tps / ref:16.2f}")
+    print(f"{'transformers generate (one batch)':48} {ref:10.1f} {1.0:16.2f}")
     for name, (_, ttft, itl) in runs.items():
         print(f"{name}:")
         print(f"  time to first token    {_percentiles(ttft)}")
