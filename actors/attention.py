@@ -40,7 +40,7 @@ class ExpertLoad:
         return self.routed.start(layer, x, expert_ids, capacity)
 
     def count(self, layers: list[int], expert_ids: torch.Tensor) -> None:
-        """Adds one row to expert_ids[j] of MoE layer layers[j] (a step whose routing ran elsewhere)."""
+        """Adds one row to expert_ids[j] of MoE layer layers[j] (for a step routed in native code)."""
         rows = torch.tensor([self.row[layer] for layer in layers])
         self.counts.index_put_((rows, expert_ids.to(self.counts.device)), torch.ones_like(rows), accumulate=True)
 

@@ -1,10 +1,11 @@
-"""Batch-1 decode through one native call per layer (`decode_layer_f32` in kernels/cpu_kernels.c).
+"""Decode steps through one native call per layer (`decode_layer_f32` in kernels/cpu_kernels.c).
 
-A decode step of one sequence reads every weight once, but on the torch path it also runs some forty small
-ops per layer (norms, rotation, cache gathers, softmax, routing), each costing more to dispatch than to compute.
-This path runs a whole layer in one call and one parallel region. It is taken only where it computes what
-`Llama4TextModel.forward` computes (tests compare the two): float32 weights in the native panel layout, top-1
-routing with every expert in this process, and a step of one sequence decoding one token without image rows.
+A decode step reads every weight once, but on the torch path it also runs some forty small ops per layer
+(norms, rotation, padding, cache gathers, masks, softmax, routing, expert grouping), each costing more to
+dispatch than to compute at decode sizes. This path runs a whole layer for all the step's sequences in one call
+and one parallel region. It is taken only where it computes what `Llama4TextModel.forward` computes (tests
+compare the two): float32 weights in the native panel layout, top-1 routing with every expert in this process,
+and a step in which every sequence decodes one token, without image rows.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class _Layer(ctypes.Structure):  # DecodeLayer in cpu_kernels.c, field for field
         ("input_norm", _ptr), ("post_norm", _ptr), ("qkv", _ptr), ("qkv_bias", _ptr), ("o", _ptr),
         ("o_bias", _ptr), ("router", _ptr), ("mlp_gate_up", _ptr), ("mlp_down", _ptr), ("expert_gate_up", _ptr),
         ("expert_down", _ptr), ("mlp_inter", _i64), ("expert_inter", _i64), ("num_experts", _i64),
-        ("k_cache", _ptr), ("v_cache", _ptr), ("ctx_slots", _ptr), ("num_ctx", _i64), ("write_slot", _i64),
-        ("rope", _ptr), ("q_scale", _f32), ("qk_norm", ctypes.c_int32),
+        ("k_cache", _ptr), ("v_cache", _ptr), ("ctx_slots", _ptr), ("ctx_offsets", _ptr), ("write_slots", _ptr),
+        ("rope", _ptr), ("q_scales", _ptr), ("qk_norm", ctypes.c_int32),
     ]
 
 
@@ -62,7 +63,7 @@ class FusedDecode:
         return cls(cfg, model, kv, experts, inv_freq, lib)
 
     def __init__(self, cfg: ModelConfig, model, kv: KVCache, experts, inv_freq: torch.Tensor, lib):
-        self.cfg, self.model, self.kv, self.inv_freq, self.fn = cfg, model, kv, inv_freq, lib.decode_layer_f32
+        self.cfg, self.model, self.kv, self.inv_freq, self.lib = cfg, model, kv, inv_freq, lib
         self.dims = _Dims(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.rms_norm_eps, cfg.head_dim**-0.5)
         self.keep: list = []  # the pointer arrays the layer structs point into
@@ -88,42 +89,54 @@ class FusedDecode:
 
     @staticmethod
     def applies(batch: StepBatch, image_rows) -> bool:
-        return len(batch.seqs) == 1 and len(batch.seqs[0].token_ids) == 1 and image_rows is None
+        return image_rows is None and all(len(s.token_ids) == 1 for s in batch.seqs)
 
-    def _pool_slots(self, s: SeqStep) -> dict[str, tuple[torch.Tensor, int]]:
-        """Per pool: (context slots, the slot the token's k/v go to or -1), as the torch path reads and writes."""
-        bs, pos, chunk = self.kv.block_size, s.start_pos, self.cfg.attention_chunk_size
+    def _pool_slots(self, seqs: list[SeqStep]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per pool: (every row's context slots, row offsets into them [B + 1], the slot each token's k/v go to or
+        -1 [B]), read and written as on the torch path."""
+        bs, chunk = self.kv.block_size, self.cfg.attention_chunk_size
         out = {}
-        if self.cfg.full_layers:
-            out["full"] = (slots_of(s.full_blocks, range(pos), 0, bs), slots_of(s.full_blocks, range(pos, pos + 1), 0, bs)[0])
-        if self.cfg.chunked_layers:
-            base, write_base = pos // chunk * chunk, (pos + 1) // chunk * chunk
-            write = slots_of(s.chunk_write_blocks, range(pos, pos + 1), write_base, bs)[0] if write_base <= pos else -1
-            out["chunk"] = (slots_of(s.chunk_read_blocks, range(base, pos), base, bs), write)
-        return {pool: (torch.tensor(ctx, dtype=torch.long), write) for pool, (ctx, write) in out.items()}
+        for pool, layers in (("full", self.cfg.full_layers), ("chunk", self.cfg.chunked_layers)):
+            if not layers:
+                continue
+            ctx, offsets, writes = [], [0], []
+            for s in seqs:
+                pos = s.start_pos
+                if pool == "full":
+                    ctx += slots_of(s.full_blocks, range(pos), 0, bs)
+                    writes.append(slots_of(s.full_blocks, range(pos, pos + 1), 0, bs)[0])
+                else:  # the current chunk; the token is kept only if the next position is in its chunk
+                    base, write_base = pos // chunk * chunk, (pos + 1) // chunk * chunk
+                    ctx += slots_of(s.chunk_read_blocks, range(base, pos), base, bs)
+                    writes.append(slots_of(s.chunk_write_blocks, range(pos, pos + 1), write_base, bs)[0]
+                                  if write_base <= pos else -1)
+                offsets.append(len(ctx))
+            out[pool] = tuple(torch.tensor(x, dtype=torch.long) for x in (ctx, offsets, writes))
+        return out
 
     @torch.inference_mode()
-    def forward(self, s: SeqStep, expert_load) -> torch.Tensor:
-        """The final-normed hidden state [1, H] of the sequence's one token; counts the routed experts."""
-        cfg, model = self.cfg, self.model
-        position = torch.tensor([s.start_pos])
-        rope = torch.view_as_real(rope_freqs_cis(position, self.inv_freq)).contiguous()  # [1, D/2, 2]
-        q_scale = 1.0
+    def forward(self, seqs: list[SeqStep], expert_load) -> torch.Tensor:
+        """The final-normed hidden states [B, H] of the sequences' tokens; counts the routed experts."""
+        cfg, model, n = self.cfg, self.model, len(seqs)
+        positions = torch.tensor([s.start_pos for s in seqs])
+        rope = torch.view_as_real(rope_freqs_cis(positions, self.inv_freq)).contiguous()  # [B, D/2, 2]
+        q_scales = None
         if cfg.attn_temperature_tuning:
-            q_scale = float(temperature_scales(position, cfg.floor_scale, cfg.attn_scale)[0])
-        pools = self._pool_slots(s)
-        longest = max(len(ctx) for ctx, _ in pools.values())
-        h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        scratch = torch.empty(5 * h + (2 * hq + 2 * hkv) * d + cfg.num_experts + 2 * self.max_inter + hq * (longest + 1))
-        chosen = torch.empty(len(self.layers), dtype=torch.long)
-        x = model.embed[s.token_ids[0]].clone()
+            q_scales = temperature_scales(positions, cfg.floor_scale, cfg.attn_scale).contiguous()
+        pools = self._pool_slots(seqs)
+        longest = max(int((offsets[1:] - offsets[:-1]).max()) for _, offsets, _ in pools.values())
+        scratch = torch.empty(self.lib.decode_scratch_floats(ctypes.addressof(self.dims), n, cfg.num_experts,
+                                                             self.max_inter, longest))
+        ints = torch.empty(n + cfg.num_experts + 1, dtype=torch.long)
+        chosen = torch.empty(len(self.layers), n, dtype=torch.long)
+        x = model.embed[torch.tensor([s.token_ids[0] for s in seqs])].contiguous()  # [B, H], a copy
         for i, layer in enumerate(self.layers):
-            ctx, write = pools[self.kv.pool_of(i)]
-            layer.ctx_slots, layer.num_ctx, layer.write_slot = ctx.data_ptr(), ctx.numel(), write
+            ctx, offsets, writes = pools[self.kv.pool_of(i)]
+            layer.ctx_slots, layer.ctx_offsets, layer.write_slots = ctx.data_ptr(), offsets.data_ptr(), writes.data_ptr()
             layer.rope = rope.data_ptr() if cfg.use_rope[i] else None
-            layer.q_scale = 1.0 if cfg.use_rope[i] else q_scale
-            self.fn(ctypes.addressof(layer), ctypes.addressof(self.dims), x.data_ptr(), scratch.data_ptr(),
-                    chosen[i:].data_ptr())
+            layer.q_scales = q_scales.data_ptr() if q_scales is not None and not cfg.use_rope[i] else None
+            self.lib.decode_layer_f32(ctypes.addressof(layer), ctypes.addressof(self.dims), n, x.data_ptr(),
+                                      scratch.data_ptr(), ints.data_ptr(), chosen[i].data_ptr())
         if self.moe_layers:
-            expert_load.count(self.moe_layers, chosen[self.moe_layers])
-        return rms_norm(x[None], model.norm, cfg.rms_norm_eps)
+            expert_load.count([i for i in self.moe_layers for _ in range(n)], chosen[self.moe_layers].reshape(-1))
+        return rms_norm(x, model.norm, cfg.rms_norm_eps)

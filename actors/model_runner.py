@@ -21,7 +21,7 @@ _SEED_STRIDE = 1_000_003
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache, images=None, local_experts=None):
         """images: an `ImageFeatureCache` when the checkpoint takes images. local_experts: the `LocalExperts`
-        when every routed expert is in this process (enables the fused batch-1 decode path)."""
+        when every routed expert is in this process (enables the fused decode path)."""
         self.cfg = cfg
         self.model = model
         self.kv = kv
@@ -108,7 +108,7 @@ class ModelRunner:
     def step(self, batch: StepBatch) -> list[SeqOutput]:
         image_embeds = self.images.for_step(batch) if self.images is not None else None
         if self.fused is not None and self.fused.applies(batch, image_embeds):
-            hidden = self.fused.forward(batch.seqs[0], self.model.routed)  # [1, H]
+            hidden = self.fused.forward(batch.seqs, self.model.routed)  # [B, H]
         else:
             token_ids, meta = self.build_meta(batch)
             hidden = self.model.forward(token_ids, meta, self.kv, image_embeds)  # [T, H]

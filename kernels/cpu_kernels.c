@@ -126,22 +126,6 @@ static void silu_mul_row(const float *gu, float *out, int64_t inter) {
     }
 }
 
-/* y[n, h] = (silu(x @ G) * (x @ U)) @ D: gate_up panels of [h, 2 * inter] (gate = first inter columns), down
- * panels of [inter, h]; scratch holds n * 2 * inter floats. One parallel region, three phases. */
-void swiglu_f32(const float *x, const float *gate_up, const float *down, float *scratch, float *y, int64_t n,
-                int64_t h, int64_t inter) {
-    const int64_t t1 = num_tasks(n, 2 * inter), t2 = num_tasks(n, h), groups = (n + MR - 1) / MR;
-#pragma omp parallel if (WORTH_THREADS(t1, h))
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < t1; t++) linear_task(t, groups, x, h, gate_up, 0, scratch, 2 * inter, n, h, 2 * inter);
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n; r++) silu_mul_row(scratch + r * 2 * inter, scratch + r * 2 * inter, inter);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < t2; t++) linear_task(t, groups, scratch, 2 * inter, down, 0, y, h, n, inter, h);
-    }
-}
-
 /* rms_norm_f32: y[r] = x[r] * rsqrt(mean(x[r]^2) + eps) (* w when w is not NULL), rows of d floats. */
 void rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t d, float eps) {
     for (int64_t r = 0; r < rows; r++) {
@@ -161,12 +145,13 @@ void rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * decode_layer_f32: one decoder layer for one sequence decoding one token, in one parallel region: the
- * batch-1 decode step without a torch op per norm, rotation or gather (actors/fused_decode.py drives it; the
+ * decode_layer_f32: one decoder layer for n sequences decoding one token each, in one parallel region: a decode
+ * step without a torch op per norm, rotation, gather or expert group (actors/fused_decode.py drives it; the
  * torch path in actors/model.py is the definition it is tested against).
  *
- * x [H] is the residual stream, updated in place: x += attention(rms_norm(x)); x += ffn(rms_norm(x)), where ffn
- * is the dense MLP, or (MoE layers, top-1) shared_expert(xn) + expert_e(xn * sigmoid(router_e(xn))).
+ * x [n, H] is the residual stream, updated in place: x += attention(rms_norm(x)); x += ffn(rms_norm(x)), where
+ * ffn is the dense MLP, or (MoE layers, top-1) shared_expert(xn) + expert_e(xn * sigmoid(router_e(xn))).
+ * Every row is computed the same way whatever the other rows are.
  * ---------------------------------------------------------------------------------------------------------- */
 typedef struct {
     int64_t hidden, q_heads, kv_heads, head_dim;
@@ -183,30 +168,37 @@ typedef struct {
     const float *const *expert_down;          /* [E] panels [I, H] */
     int64_t mlp_inter, expert_inter, num_experts;
     float *k_cache, *v_cache;                 /* this layer's pool: [slots, Hkv, D] */
-    const int64_t *ctx_slots;                 /* the context's slots, in position order */
-    int64_t num_ctx, write_slot;              /* write_slot < 0: the token's k/v are not kept */
-    const float *rope;                        /* [D / 2, 2] (cos, sin), NULL on NoPE layers */
-    float q_scale;                            /* NoPE temperature tuning (1 elsewhere) */
+    const int64_t *ctx_slots;                 /* every row's context slots, in position order, row after row */
+    const int64_t *ctx_offsets;               /* [n + 1]: row r's are ctx_slots[ctx_offsets[r] .. ctx_offsets[r+1]) */
+    const int64_t *write_slots;               /* [n]; < 0: that token's k/v are not kept */
+    const float *rope;                        /* [n, D / 2, 2] (cos, sin), NULL on NoPE layers */
+    const float *q_scales;                    /* [n] NoPE temperature tuning, or NULL */
     int32_t qk_norm;                          /* L2-normalise q and k heads after RoPE */
 } DecodeLayer;
 
-static void rms_norm_row(const float *x, const float *w, float *y, int64_t d, float eps) {
-    rms_norm_f32(x, w, y, 1, d, eps);
-}
-
-/* y[m] = x[k] @ W over the panels, tasks shared by the threads of the enclosing parallel region. */
-static void gemv_for(const float *x, const float *w, const float *bias, float *y, int64_t k, int64_t m) {
-    const int64_t tasks = num_tasks(1, m);
+/* y[n, m] = x[n, k] @ W (+ bias) over the panels, rows of x ldx floats apart; the tasks are shared by the
+ * threads of the enclosing parallel region. */
+static void linear_for(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t n, int64_t k,
+                       int64_t m) {
+    const int64_t tasks = num_tasks(n, m), groups = (n + MR - 1) / MR;
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; t++) linear_task(t, 1, x, k, w, bias, y, m, 1, k, m);
+    for (int64_t t = 0; t < tasks; t++) linear_task(t, groups, x, ldx, w, bias, y, m, n, k, m);
 }
 
-static void swiglu_for(const float *x, const float *gate_up, const float *down, float *scratch, float *y,
+static void swiglu_for(const float *x, const float *gate_up, const float *down, float *act, float *y, int64_t n,
                        int64_t h, int64_t inter) {
-    gemv_for(x, gate_up, 0, scratch, h, 2 * inter);
-#pragma omp single
-    silu_mul_row(scratch, scratch, inter);
-    gemv_for(scratch, down, 0, y, inter, h);
+    linear_for(x, h, gate_up, 0, act, n, h, 2 * inter);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; r++) silu_mul_row(act + r * 2 * inter, act + r * 2 * inter, inter);
+    linear_for(act, 2 * inter, down, 0, y, n, inter, h);
+}
+
+/* y[n, h] = (silu(x @ G) * (x @ U)) @ D: gate_up panels of [h, 2 * inter] (gate = first inter columns), down
+ * panels of [inter, h]; scratch holds n * 2 * inter floats. One parallel region, three phases. */
+void swiglu_f32(const float *x, const float *gate_up, const float *down, float *scratch, float *y, int64_t n,
+                int64_t h, int64_t inter) {
+#pragma omp parallel if (WORTH_THREADS(num_tasks(n, 2 * inter), h))
+    swiglu_for(x, gate_up, down, scratch, y, n, h, inter);
 }
 
 static void rotate_heads(float *heads, int64_t n, int64_t d, const float *rope) {
@@ -228,13 +220,13 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* out[D] = softmax(q . keys * scale) @ values over the context slots and the token's own k/v. */
-static void attend_head(const float *q, const float *own_k, const float *own_v, const DecodeLayer *L, int64_t g,
-                        const DecodeDims *d, float *scores, float *out) {
-    const int64_t dim = d->head_dim, stride = d->kv_heads * dim, n = L->num_ctx;
+/* out[D] = softmax(q . keys * scale) @ values over n context slots and the token's own k/v (kv head g). */
+static void attend_head(const float *q, const float *own_k, const float *own_v, const int64_t *slots, int64_t n,
+                        const DecodeLayer *L, int64_t g, const DecodeDims *d, float *scores, float *out) {
+    const int64_t dim = d->head_dim, stride = d->kv_heads * dim;
     float top = -INFINITY;
     for (int64_t j = 0; j <= n; j++) {
-        const float *key = j < n ? L->k_cache + L->ctx_slots[j] * stride + g * dim : own_k;
+        const float *key = j < n ? L->k_cache + slots[j] * stride + g * dim : own_k;
         scores[j] = dot(q, key, dim) * d->scale;
         top = scores[j] > top ? scores[j] : top;
     }
@@ -242,65 +234,104 @@ static void attend_head(const float *q, const float *own_k, const float *own_v, 
     for (int64_t j = 0; j <= n; j++) total += scores[j] = expf(scores[j] - top);
     for (int64_t i = 0; i < dim; i++) out[i] = 0.0f;
     for (int64_t j = 0; j <= n; j++) {
-        const float *value = j < n ? L->v_cache + L->ctx_slots[j] * stride + g * dim : own_v;
+        const float *value = j < n ? L->v_cache + slots[j] * stride + g * dim : own_v;
         const float p = scores[j] / total;
         for (int64_t i = 0; i < dim; i++) out[i] += p * value[i];
     }
 }
 
-/* scratch: 5 H + (2 Hq + 2 Hkv) D + E + 2 max(I) + Hq (num_ctx + 1) floats. chosen_expert: the routed expert of
- * a MoE layer (-1 on dense layers). */
-void decode_layer_f32(const DecodeLayer *L, const DecodeDims *d, float *x, float *scratch, int64_t *chosen_expert) {
-    const int64_t h = d->hidden, dim = d->head_dim, hq = d->q_heads, hkv = d->kv_heads;
-    const int64_t width = (hq + 2 * hkv) * dim;
+/* Scratch for n rows whose longest context has max_ctx slots: decode_scratch_floats(...) floats and
+ * n + E + 1 int64. chosen [n]: each row's routed expert on MoE layers. */
+int64_t decode_scratch_floats(const DecodeDims *d, int64_t n, int64_t num_experts, int64_t max_inter, int64_t max_ctx) {
+    const int64_t width = (d->q_heads + 2 * d->kv_heads) * d->head_dim;
+    return n * (5 * d->hidden + width + d->q_heads * d->head_dim + num_experts + 2 * max_inter +
+                d->q_heads * (max_ctx + 1));
+}
+
+void decode_layer_f32(const DecodeLayer *L, const DecodeDims *d, int64_t n, float *x, float *scratch,
+                      int64_t *iscratch, int64_t *chosen) {
+    const int64_t h = d->hidden, dim = d->head_dim, hq = d->q_heads, hkv = d->kv_heads, group = hq / hkv;
+    const int64_t width = (hq + 2 * hkv) * dim, num_e = L->router ? L->num_experts : 0;
     const int64_t max_inter = L->mlp_inter > L->expert_inter ? L->mlp_inter : L->expert_inter;
-    float *xn = scratch, *qkv = xn + h, *attn = qkv + width, *tmp = attn + hq * dim, *routed_in = tmp + h;
-    float *routed = routed_in + h, *shared = routed + h, *logits = shared + h, *act = logits + L->num_experts;
-    float *scores = act + 2 * max_inter;
-    int64_t expert = -1;
+    int64_t max_ctx = 0;
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t len = L->ctx_offsets[r + 1] - L->ctx_offsets[r];
+        max_ctx = len > max_ctx ? len : max_ctx;
+    }
+    float *xn = scratch, *qkv = xn + n * h, *attn = qkv + n * width, *tmp = attn + n * hq * dim;
+    float *routed_in = tmp + n * h, *routed = routed_in + n * h, *shared = routed + n * h;
+    float *logits = shared + n * h, *act = logits + n * num_e, *scores = act + n * 2 * max_inter;
+    int64_t *order = iscratch, *start = iscratch + n; /* rows sorted by expert; expert e's rows from start[e] */
 #pragma omp parallel
     {
-#pragma omp single
-        rms_norm_row(x, L->input_norm, xn, h, d->eps);
-        gemv_for(xn, L->qkv, L->qkv_bias, qkv, h, width);
-#pragma omp single
-        {
-            float *q = qkv, *k = qkv + hq * dim, *v = k + hkv * dim;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) rms_norm_f32(x + r * h, L->input_norm, xn + r * h, 1, h, d->eps);
+        linear_for(xn, h, L->qkv, L->qkv_bias, qkv, n, h, width);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float *q = qkv + r * width, *k = q + hq * dim, *v = k + hkv * dim;
             if (L->rope) {
-                rotate_heads(q, hq + hkv, dim, L->rope); /* q and k heads are adjacent */
+                rotate_heads(q, hq + hkv, dim, L->rope + r * dim); /* q and k heads are adjacent */
                 if (L->qk_norm) rms_norm_f32(q, 0, q, hq + hkv, dim, d->eps);
             }
-            for (int64_t i = 0; i < hq * dim; i++) q[i] *= L->q_scale;
-            if (L->write_slot >= 0) {
+            if (L->q_scales)
+                for (int64_t i = 0; i < hq * dim; i++) q[i] *= L->q_scales[r];
+            const int64_t slot = L->write_slots[r];
+            if (slot >= 0)
                 for (int64_t i = 0; i < hkv * dim; i++) {
-                    L->k_cache[L->write_slot * hkv * dim + i] = k[i];
-                    L->v_cache[L->write_slot * hkv * dim + i] = v[i];
+                    L->k_cache[slot * hkv * dim + i] = k[i];
+                    L->v_cache[slot * hkv * dim + i] = v[i];
                 }
-            }
         }
 #pragma omp for schedule(static)
-        for (int64_t head = 0; head < hq; head++)
-            attend_head(qkv + head * dim, qkv + hq * dim + (head / (hq / hkv)) * dim,
-                        qkv + (hq + hkv) * dim + (head / (hq / hkv)) * dim, L, head / (hq / hkv), d,
-                        scores + head * (L->num_ctx + 1), attn + head * dim);
-        gemv_for(attn, L->o, L->o_bias, tmp, hq * dim, h);
+        for (int64_t t = 0; t < n * hq; t++) {
+            const int64_t r = t / hq, head = t % hq, g = head / group;
+            const float *row = qkv + r * width;
+            attend_head(row + head * dim, row + (hq + g) * dim, row + (hq + hkv + g) * dim,
+                        L->ctx_slots + L->ctx_offsets[r], L->ctx_offsets[r + 1] - L->ctx_offsets[r], L, g, d,
+                        scores + t * (max_ctx + 1), attn + r * hq * dim + head * dim);
+        }
+        linear_for(attn, hq * dim, L->o, L->o_bias, tmp, n, hq * dim, h);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            for (int64_t i = 0; i < h; i++) x[r * h + i] += tmp[r * h + i];
+            rms_norm_f32(x + r * h, L->post_norm, xn + r * h, 1, h, d->eps);
+        }
+        if (L->router) {
+            linear_for(xn, h, L->router, 0, logits, n, h, num_e);
 #pragma omp single
-        {
-            for (int64_t i = 0; i < h; i++) x[i] += tmp[i];
-            rms_norm_row(x, L->post_norm, xn, h, d->eps);
-            if (L->router) {
-                panel_linear_f32(xn, L->router, 0, logits, 1, h, L->num_experts);
-                expert = 0;
-                for (int64_t e = 1; e < L->num_experts; e++) expert = logits[e] > logits[expert] ? e : expert;
-                const float score = 1.0f / (1.0f + expf(-logits[expert]));
-                for (int64_t i = 0; i < h; i++) routed_in[i] = xn[i] * score;
+            { /* top-1 expert and score per row; a counting sort groups the rows by expert */
+                for (int64_t e = 0; e <= num_e; e++) start[e] = 0;
+                for (int64_t r = 0; r < n; r++) {
+                    const float *lr = logits + r * num_e;
+                    int64_t best = 0;
+                    for (int64_t e = 1; e < num_e; e++) best = lr[e] > lr[best] ? e : best;
+                    chosen[r] = best;
+                    start[best + 1]++;
+                }
+                for (int64_t e = 0; e < num_e; e++) start[e + 1] += start[e];
+                for (int64_t r = 0; r < n; r++) order[r] = -1;
+                for (int64_t r = 0; r < n; r++) {
+                    int64_t at = start[chosen[r]];
+                    while (order[at] >= 0) at++;
+                    order[at] = r;
+                    const float score = 1.0f / (1.0f + expf(-logits[r * num_e + chosen[r]]));
+                    for (int64_t i = 0; i < h; i++) routed_in[at * h + i] = xn[r * h + i] * score;
+                }
+            }
+            for (int64_t e = 0; e < num_e; e++) { /* every thread walks the experts; the work inside is shared */
+                const int64_t rows = start[e + 1] - start[e];
+                if (rows)
+                    swiglu_for(routed_in + start[e] * h, L->expert_gate_up[e], L->expert_down[e], act,
+                               routed + start[e] * h, rows, h, L->expert_inter);
             }
         }
-        if (L->router) swiglu_for(routed_in, L->expert_gate_up[expert], L->expert_down[expert], act, routed, h,
-                                  L->expert_inter);
-        swiglu_for(xn, L->mlp_gate_up, L->mlp_down, act, shared, h, L->mlp_inter);
-#pragma omp single
-        for (int64_t i = 0; i < h; i++) x[i] += L->router ? shared[i] + routed[i] : shared[i];
+        swiglu_for(xn, L->mlp_gate_up, L->mlp_down, act, shared, n, h, L->mlp_inter);
+#pragma omp for schedule(static)
+        for (int64_t at = 0; at < n; at++) {
+            const int64_t r = L->router ? order[at] : at;
+            for (int64_t i = 0; i < h; i++)
+                x[r * h + i] += L->router ? shared[r * h + i] + routed[at * h + i] : shared[r * h + i];
+        }
     }
-    if (chosen_expert) *chosen_expert = expert;
 }

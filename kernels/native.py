@@ -86,9 +86,12 @@ def cpu_kernels() -> ctypes.CDLL | None:
             "panel_linear_f32": [ptr, ptr, ptr, ptr, i64, i64, i64],
             "swiglu_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64],
             "rms_norm_f32": [ptr, ptr, ptr, i64, i64, ctypes.c_float],
-            "decode_layer_f32": [ptr, ptr, ptr, ptr, ptr],  # structs from actors/fused_decode.py
+            # DecodeLayer / DecodeDims structs from actors/fused_decode.py, by address
+            "decode_layer_f32": [ptr, ptr, i64, ptr, ptr, ptr, ptr],
+            "decode_scratch_floats": [ptr, i64, i64, i64, i64],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
+        lib.decode_scratch_floats.restype = i64
     return lib

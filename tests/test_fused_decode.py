@@ -26,33 +26,44 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_decode_matches_torch_path(name, tmp_path):
+    """Three sequences of different lengths decode side by side (positions up to 71: several chunk boundaries,
+    16 tokens per chunk); at every all-decode step the fused path gives the torch path's hidden states, and each
+    row bit for bit what that sequence gives alone."""
     if native.cpu_kernels() is None:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     path = write_hf_checkpoint(tmp_path, CONFIGS[name], seed=3)
     cfg = load_model_config(path)
-    actor = AttentionActor(str(path), "float32", num_full_blocks=32, num_chunk_blocks=16, block_size=8)
+    actor = AttentionActor(str(path), "float32", num_full_blocks=64, num_chunk_blocks=32, block_size=8)
     runner = actor.runner
     assert runner.fused is not None
-    blocks = BlockManager(32, 16, 8, cfg.attention_chunk_size, bool(cfg.full_layers), bool(cfg.chunked_layers))
-    scheduler = Scheduler(blocks, max_num_seqs=1, max_num_batched_tokens=64)
-    prompt = torch.randint(3, 300, (13,), generator=torch.Generator().manual_seed(1)).tolist()
-    seq = Sequence(0, prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), seed=0)
-    scheduler.add(seq)
+    blocks = BlockManager(64, 32, 8, cfg.attention_chunk_size, bool(cfg.full_layers), bool(cfg.chunked_layers))
+    scheduler = Scheduler(blocks, max_num_seqs=3, max_num_batched_tokens=64)
+    g = torch.Generator().manual_seed(1)
+    seqs = [Sequence(i, torch.randint(3, 300, (n,), generator=g).tolist(),
+                     SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), seed=0)
+            for i, n in enumerate((13, 5, 31))]
+    for seq in seqs:
+        scheduler.add(seq)
     decode_steps = 0
-    while len(seq.output_ids) < 40:  # positions 13..52: crosses chunks at 16, 32 and 48
-        (_, step), = scheduler.schedule()
-        batch = StepBatch([step], moe_capacity=1)
-        if len(step.token_ids) == 1:
+    while scheduler.has_work():
+        scheduled = scheduler.schedule()
+        batch = StepBatch([step for _, step in scheduled], moe_capacity=len(scheduled))
+        if all(len(step.token_ids) == 1 for step in batch.seqs):
             token_ids, meta = runner.build_meta(batch)
             with torch.inference_mode():
                 reference = runner.model.forward(token_ids, meta, actor.kv)
             counts_before = actor.expert_load.counts.clone()
-            fused = runner.fused.forward(step, actor.expert_load)
+            fused = runner.fused.forward(batch.seqs, actor.expert_load)
             torch.testing.assert_close(fused, reference, atol=2e-5, rtol=1e-4)
-            assert int((actor.expert_load.counts - counts_before).sum()) == len(cfg.moe_layers)
+            assert int((actor.expert_load.counts - counts_before).sum()) == len(cfg.moe_layers) * len(batch.seqs)
+            for row, step in enumerate(batch.seqs):
+                assert torch.equal(runner.fused.forward([step], actor.expert_load)[0], fused[row])
             decode_steps += 1
-        out, = actor.step(batch)  # the runner takes the fused path for decode steps
-        seq.num_computed = step.end_pos
-        blocks.finish_step(seq.seq_id)
-        seq.output_ids.append(out.token_id)
+        outputs = actor.step(batch)  # the runner takes the fused path for all-decode steps
+        for (seq, step), out in zip(scheduled, outputs):
+            seq.num_computed = step.end_pos
+            blocks.finish_step(seq.seq_id)
+            seq.output_ids.append(out.token_id)
+            if len(seq.output_ids) == seq.params.max_tokens:
+                scheduler.finish(seq, "length")
     assert decode_steps == 39
