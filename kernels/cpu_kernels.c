@@ -3,6 +3,7 @@
  * panel_linear_f32: y[n, m] = x[n, k] @ W (+ bias[m]), the linear layer of every decode and prefill step.
  * swiglu_f32:       y = (silu(x @ G) * (x @ U)) @ D in one call (dense MLPs, shared and routed experts).
  * rms_norm_f32:     x * rsqrt(mean(x^2) + eps) (* w).
+ * decode_layer_f32: a whole decoder layer for a step in which every sequence decodes one token.
  *
  * Weight layout: W [k, m] (input-major) is cut into P = ceil(m / 64) panels of 64 output columns, each stored
  * [k, 64] contiguously (the last one zero-padded): w[P, k, 64]. A panel is read front to back, so a batch-1
@@ -83,14 +84,22 @@ static void linear_task(int64_t t, int64_t groups, const float *x, int64_t ldx, 
 
 static int64_t num_tasks(int64_t n, int64_t m) { return ((m + NR - 1) / NR) * ((n + MR - 1) / MR); }
 
+/* y[n, m] = x[n, k] @ W (+ bias) over the panels, rows of x ldx floats apart; the tasks are shared by the
+ * threads of the enclosing parallel region. */
+static void linear_for(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t n, int64_t k,
+                       int64_t m) {
+    const int64_t tasks = num_tasks(n, m), groups = (n + MR - 1) / MR;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) linear_task(t, groups, x, ldx, w, bias, y, m, n, k, m);
+}
+
 /* Threads only when there is enough work to pay for waking them. */
 #define WORTH_THREADS(tasks, k) ((tasks) * (k) >= 2048)
 
 void panel_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t k,
                       int64_t m) {
-    const int64_t tasks = num_tasks(n, m), groups = (n + MR - 1) / MR;
-#pragma omp parallel for schedule(static) if (WORTH_THREADS(tasks, k))
-    for (int64_t t = 0; t < tasks; t++) linear_task(t, groups, x, k, w, bias, y, m, n, k, m);
+#pragma omp parallel if (WORTH_THREADS(num_tasks(n, m), k))
+    linear_for(x, k, w, bias, y, n, k, m);
 }
 
 /* silu(g) * u for 16 lanes: g / (1 + exp(-g)) * u with exp(-g) = 2^j * e^r, |r| <= ln2 / 2, a degree-6
@@ -175,15 +184,6 @@ typedef struct {
     const float *q_scales;                    /* [n] NoPE temperature tuning, or NULL */
     int32_t qk_norm;                          /* L2-normalise q and k heads after RoPE */
 } DecodeLayer;
-
-/* y[n, m] = x[n, k] @ W (+ bias) over the panels, rows of x ldx floats apart; the tasks are shared by the
- * threads of the enclosing parallel region. */
-static void linear_for(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t n, int64_t k,
-                       int64_t m) {
-    const int64_t tasks = num_tasks(n, m), groups = (n + MR - 1) / MR;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; t++) linear_task(t, groups, x, ldx, w, bias, y, m, n, k, m);
-}
 
 static void swiglu_for(const float *x, const float *gate_up, const float *down, float *act, float *y, int64_t n,
                        int64_t h, int64_t inter) {

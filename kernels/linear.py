@@ -2,10 +2,11 @@
 
 Shapes: N rows, K input features, M output features.
 
-float32 on CPUs with AVX-512: our own panel kernel (`panel_linear_f32` in `cpu_kernels.c`, built by `kernels/native.py`). It streams
-a batch-1 GEMV at the machine's read bandwidth (oneDNN: about 60 %, MKL's sgemm: a repack of the whole weight
-on every call for small N), beats oneDNN from N = 1 to a few hundred rows, and accumulates every output in the
-same order whatever the batch, so a sequence's numbers do not depend on what it is batched with.
+float32 on CPUs with AVX-512: our own panel kernel (`panel_linear_f32` in `cpu_kernels.c`, built by
+`kernels/native.py`). It streams a batch-1 GEMV at the machine's read bandwidth (oneDNN: about 60 %, MKL's
+sgemm: a repack of the whole weight on every call for small N), beats oneDNN from N = 1 to a few hundred rows,
+and accumulates every output in the same order whatever the batch, so a sequence's numbers do not depend on
+what it is batched with.
 Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder_linear_weight`). Elsewhere
 (CUDA, float16, builds without oneDNN) the weight stays a plain input-major tensor [K, M] and `linear` is `x @ w`.
 """
