@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def _build(source: Path) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for stale in target.parent.glob(f"{source.stem}-*.so"):  # builds of other sources, untouched for a day
+        if stale != target and time.time() - stale.stat().st_mtime > 86400:
+            stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     return target
 
 

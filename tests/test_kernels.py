@@ -2,6 +2,8 @@
 
 import ctypes
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -169,9 +171,13 @@ def test_native_build_is_cached_and_can_be_disabled(tmp_path, monkeypatch):
     _needs_panel_kernel()
     monkeypatch.setenv("LLAMA4SERVE_KERNEL_CACHE", str(tmp_path))
     source = Path(native.__file__).with_name("cpu_kernels.c")
+    old, recent = tmp_path / "cpu_kernels-0123456789abcdef.so", tmp_path / "cpu_kernels-fedcba9876543210.so"
+    old.write_bytes(b"a build of another source, untouched for two days")
+    os.utime(old, (time.time() - 2 * 86400,) * 2)
+    recent.write_bytes(b"another checkout's build, maybe about to be loaded")
     built = native._build(source)
     assert built.parent == tmp_path and native._build(source) == built  # second call reuses the file
-    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, recent.name])  # no temporary
     assert ctypes.CDLL(str(built)).panel_linear_f32 is not None
     monkeypatch.setenv("LLAMA4SERVE_NATIVE_KERNELS", "0")
     assert "LLAMA4SERVE_NATIVE_KERNELS=0" in native.unavailable_reason()
