@@ -133,3 +133,30 @@ def test_frequency_and_presence_penalties_steer_away_from_repeats(tiny):
         engine, prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, frequency_penalty=2.0,
                                        presence_penalty=2.0))))[0]
     assert len(set(penalized)) > len(set(plain))
+
+
+def test_multi_step_streams_in_bursts_with_the_same_tokens_text_and_stop_strings(tiny):
+    """num_scheduler_steps=5: deltas carry several tokens, the text still concatenates exactly (multi-byte
+    characters split across bursts), and a stop string inside a burst ends the request there."""
+    path, engine = tiny
+    params = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    base = asyncio.run(_collect(engine, "The quick brown fox", GREEDY))
+    _, text = _joined(base)
+    stop = next(text[i : i + 3] for i in range(5, len(text) - 3) if text.find(text[i : i + 3]) == i and text[i : i + 3].strip())
+    stopped = SamplingParams(**{**vars(GREEDY), "stop": [stop]})
+
+    async def run(target):
+        return await asyncio.gather(*(_collect(target, "Grüße aus München: ", p) for p in params),
+                                    _collect(target, "The quick brown fox", stopped))
+
+    multi = AsyncEngine(EngineConfig(model=str(path), dtype="float32", block_size=8, max_num_batched_tokens=64,
+                                     num_scheduler_steps=5))
+    try:
+        bursts = asyncio.run(run(multi))
+    finally:
+        multi.shutdown()
+    for got, want in zip(bursts, asyncio.run(run(engine))):
+        assert _joined(got) == _joined(want)
+        assert got[-1].finish_reason == want[-1].finish_reason
+    assert max(len(u.token_ids) for updates in bursts[:-1] for u in updates) > 1  # really in bursts
+    assert bursts[-1][-1].finish_reason == "stop" and _joined(bursts[-1])[1] == text[: text.find(stop)]
