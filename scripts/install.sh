@@ -3,7 +3,7 @@
 # constraints.txt (set LLAMA4SERVE_CONSTRAINTS= (empty) for the newest releases pyproject.toml allows, or to
 # another constraints file).
 # torch: the CPU wheel 2.13.0 only when no torch is installed (an unpinned torch pulls CUDA packages); an
-# installed torch (a CUDA build, say) is kept, and the constraints' torch pin is dropped for it.
+# installed torch (a CUDA build, say) is kept, and the constraints' torch and triton pins are dropped for it.
 # `test` also puts helm and kubectl in .tools/bin (for tests/test_helm_chart.py) unless helm is on PATH.
 # Usage: scripts/install.sh [extras]   e.g. scripts/install.sh test
 set -euo pipefail
@@ -12,7 +12,7 @@ constraints="${LLAMA4SERVE_CONSTRAINTS-constraints.txt}"
 pip_args=(-q)
 if python3 -c "import torch" 2>/dev/null; then
   if [ -n "$constraints" ]; then
-    kept=$(mktemp); grep -v '^torch==' "$constraints" >"$kept"; constraints=$kept
+    kept=$(mktemp); grep -v -E '^(torch|triton)==' "$constraints" >"$kept"; constraints=$kept
   fi
 else
   python3 -m pip install -q torch==2.13.0
