@@ -39,6 +39,7 @@ class SeqStep:
     sampling: SamplingSpec | None = None  # None: a prompt chunk that ends before the prompt does
     num_generated: int = 0
     logprob_targets: list[int] = field(default_factory=list)  # tokens after positions start_pos.. (prompt logprobs)
+    num_prompt_top: int = 0  # with logprob_targets: also this many most likely tokens at each of those positions
     # Only when the sequence samples with penalties: the ids they look at (prompt ids only for repetition).
     penalty_prompt_ids: list[int] = field(default_factory=list)
     penalty_output_ids: list[int] = field(default_factory=list)
@@ -71,3 +72,4 @@ class SeqOutput:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_targets entry
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # likewise, if num_prompt_top

@@ -120,11 +120,10 @@ class ModelRunner:
         # Prompt logprobs: rows whose next token is known (the first len(logprob_targets) rows of a sequence).
         rows = [r for b, s in enumerate(batch.seqs) for r in range(starts[b], starts[b] + len(s.logprob_targets))]
         if rows:
-            targets = torch.tensor([t for s in batch.seqs for t in s.logprob_targets], dtype=torch.long)
-            lp, _, _ = token_logprobs(self.model.logits(hidden[rows]), targets)
-            values = iter(lp.tolist())
-            for out, s in zip(outputs, batch.seqs):
-                out.prompt_logprobs = [next(values) for _ in s.logprob_targets]
+            targets = torch.tensor([t for s in batch.seqs for t in s.logprob_targets], device=hidden.device)
+            num_top = max(s.num_prompt_top for s in batch.seqs if s.logprob_targets)
+            scored = token_logprobs(self.model.logits(hidden[rows]), targets, num_top)  # [R], [R, n], [R, n]
+            _split_prompt_logprobs(batch.seqs, outputs, *scored)
 
         # Sampling: from the last row of every sequence that samples this step.
         sampling = [b for b, s in enumerate(batch.seqs) if s.sampling is not None]
@@ -174,6 +173,22 @@ class ModelRunner:
                 out.logprob = float(lp[j])
                 if sp.logprobs > 0:
                     out.top_logprobs = list(zip(top_i[j, : sp.logprobs].tolist(), top_v[j, : sp.logprobs].tolist()))
+
+
+def _split_prompt_logprobs(seqs: list[SeqStep], outputs: list[SeqOutput], lp: torch.Tensor,
+                           top_values: torch.Tensor | None, top_ids: torch.Tensor | None) -> None:
+    """Hands each sequence its rows of the prompt logprobs (lp [R]) and, when it asked for n alternatives, the
+    first n of top_ids / top_values [R, num_top] of those rows as (id, logprob) lists."""
+    values = lp.tolist()
+    ids, tops = (top_ids.tolist(), top_values.tolist()) if top_ids is not None else ([], [])
+    row = 0
+    for out, s in zip(outputs, seqs):
+        n, k = len(s.logprob_targets), s.num_prompt_top
+        out.prompt_logprobs = values[row : row + n]
+        if k > 0:
+            rows_ids, rows_values = ids[row : row + n], tops[row : row + n]
+            out.prompt_top_logprobs = [list(zip(i[:k], v[:k])) for i, v in zip(rows_ids, rows_values)]
+        row += n
 
 
 def _penalized(seqs: list[SeqStep], logits: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .engine import resolve_max_model_len
 from .engine_deployment import Engine, EngineClient
 from .grpc_service import GrpcIngressMixin
 from .openai_api import build_fastapi_app
+from .policy import Admission, quiet_client_errors
 from .serve_config import ServeConfig
 from .tokenizer import Tokenizer
 from ..actors.config import load_model_config
@@ -26,8 +27,9 @@ class Ingress(GrpcIngressMixin):
     """Implements openai_api.ServingContext (HTTP) and grpc_service.GrpcIngressHost (gRPC)."""
 
     def __init__(self, engine_handle, config: ServeConfig):
+        quiet_client_errors()  # Serve logs client errors of streaming gRPC methods in one INFO line
         self._handle = engine_handle
-        self.engine = EngineClient(engine_handle)
+        self.engine = EngineClient(engine_handle, config.request_timeout_s)
         model_dir = config.model_dir()
         self.model_name = config.model_name()
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -38,7 +40,7 @@ class Ingress(GrpcIngressMixin):
         self.max_n = config.max_n
         self.max_images_per_request = config.max_images_per_request
         self.max_image_bytes = config.max_image_bytes
-        self._grpc_in_flight = 0
+        self.admission = Admission(config.max_queued_requests)  # one bound for HTTP and gRPC together
 
     def __serve_build_asgi_app__(self):
         return build_fastapi_app(self)
@@ -52,16 +54,6 @@ class Ingress(GrpcIngressMixin):
 
     async def check_health(self) -> None:
         await self._handle.check_health.remote()
-
-    # GrpcIngressHost: the gRPC side's bound of requests in flight (HTTP keeps its own, of the same size)
-    def try_admit(self) -> bool:
-        if self._grpc_in_flight >= self.max_queued_requests:
-            return False
-        self._grpc_in_flight += 1
-        return True
-
-    def done(self) -> None:
-        self._grpc_in_flight -= 1
 
 
 def build_app(args: dict | ServeConfig | None = None) -> Application:

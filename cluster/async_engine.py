@@ -139,6 +139,7 @@ class AsyncEngine:
             top_logprobs=seq.top_logprobs[start:end] if want_logprobs and seq.params.logprobs else None,
             prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
             num_generated_tokens=end,
+            prompt_top_logprobs=list(seq.prompt_top_logprobs) if first and seq.params.num_prompt_logprobs else None,
         )
         stream.num_emitted_ids, stream.num_emitted_chars = end, len(text)
         stream.sent_first = True

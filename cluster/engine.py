@@ -281,7 +281,10 @@ class EngineCore:
                         continue
                     seq.num_computed = step.end_pos + j
                     replica.blocks.finish_step(seq.seq_id)
-                    seq.prompt_logprobs.extend(out.prompt_logprobs)
+                    if out.prompt_logprobs:  # prompt positions start_pos + 1.., each written once (recompute too)
+                        del seq.prompt_logprobs[step.start_pos + 1 :], seq.prompt_top_logprobs[step.start_pos + 1 :]
+                        seq.prompt_logprobs.extend(out.prompt_logprobs)
+                        seq.prompt_top_logprobs.extend(out.prompt_top_logprobs)
                     if out.token_id is not None and self._append(replica, seq, out):
                         finished.append(seq)
         return finished
@@ -335,6 +338,7 @@ class EngineCore:
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             top_logprobs=seq.top_logprobs if seq.params.logprobs else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs else None,
+            prompt_top_logprobs=seq.prompt_top_logprobs if seq.params.num_prompt_logprobs else None,
         )
 
     def shutdown(self) -> None:

@@ -3,51 +3,48 @@
 Ray Serve's gRPC proxy turns each RPC into a call of the ingress deployment's method with the RPC's name,
 passing the deserialized request and a `grpc_context` (ray.serve.grpc_util.RayServegRPCContext, a picklable
 copy of the server context; the argument must have exactly that name). A unary RPC returns its response
-message, a server-streaming RPC is an async generator of messages. Errors: a unary method sets code and
-details on grpc_context and returns an empty response; a streaming method sets them and raises, since Serve
-copies the context back only with a yielded message or an exception (its proxy then logs the error with a
-traceback, and the exception must pickle). A client that cancels or passes its deadline makes Serve cancel
-the method's task, so `finally` aborts the engine request.
+message, a server-streaming RPC is an async generator of messages. Errors: every failure becomes a
+`policy.ServingError` whose row of the error table gives the status code (the HTTP API reads the same rows);
+a unary method sets code and details on grpc_context and returns an empty response; a streaming method sets
+them and raises `RpcError`, since Serve copies the context back only with a yielded message or an exception
+(the exception must pickle). A client that cancels or passes its deadline makes Serve cancel the method's
+task, so `finally` aborts the engine request.
 
 The Ingress deployment class inherits `GrpcIngressMixin` and provides what `GrpcIngressHost` lists.
 """
 
 from __future__ import annotations
 
-import hmac
 import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from ..protos import llama4serve_pb2 as pb
+from .grpc_request import parse_request
 from .outputs import RequestOutput
+from .policy import BAD_INPUT, NOT_FOUND, Admission, ServingError, check_api_key, classify
 from .sampling_params import SamplingParams
 
 SERVICE_NAME = "llama4serve.v1.Llama4Serve"
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
-IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
-# GenerateRequest fields with presence that map 1:1 onto SamplingParams.
-_OPTIONAL_PARAMS = (
-    "max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
-    "presence_penalty", "frequency_penalty", "repetition_penalty",
-)
+HOW_TO_AUTHENTICATE = "metadata 'authorization: Bearer <your key>'"
 
 
 class GrpcEngine(Protocol):
     def generate(
         self, prompt: str | list[int] | list[dict], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Streams updates; raises ValueError naming the field before the first one when the input is bad."""
+        """Streams updates; raises ValueError naming the field before the first one when the input is bad,
+        anything else on failure (mapped through policy.classify)."""
 
     async def abort(self, request_id: str) -> None:
         """Stops a request that has not finished; a no-op for unknown or finished ids."""
@@ -59,35 +56,31 @@ class GrpcIngressHost(Protocol):
     engine: GrpcEngine
     model_name: str  # the id in ListModels and the only accepted GenerateRequest.model (besides "")
     api_key: str | None  # when set, metadata `authorization: Bearer <api_key>` is required
-
-    def try_admit(self) -> bool:
-        """Takes a slot of the bounded request queue; False when max_queued_requests are in flight."""
-
-    def done(self) -> None:
-        """Gives back the slot taken by a successful try_admit."""
+    admission: Admission  # requests in flight on this ingress, shared with HTTP (max_queued_requests)
+    max_model_len: int  # largest max_tokens accepted
 
 
-class RpcError(Exception):
-    """A client mistake: becomes the RPC's status code and details.
+class RpcError(ServingError):
+    """A ServingError raised out of a streaming method; Serve carries it, wrapped, to the proxy (it pickles)."""
 
-    Picklable (all constructor arguments are in `args`): from a streaming method it travels, wrapped by Serve,
-    from the replica to the proxy.
-    """
+    @property
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode[self.kind.grpc_code]
 
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-
-    def __str__(self) -> str:
-        return self.details
+    @property
+    def details(self) -> str:
+        return self.message
 
 
-def _cause_message(error: BaseException) -> str:
-    # A ValueError raised in another Serve replica arrives as a RayTaskError that is also a ValueError;
-    # its str() holds the remote traceback, its `cause` the original message.
-    cause = getattr(error, "cause", None)
-    return str(cause if isinstance(cause, ValueError) else error)
+def _fail(grpc_context, exc: BaseException) -> RpcError:
+    """Sets the status of `exc` (through the error table) on the context; returns it as an RpcError."""
+    error = classify(exc, "gRPC request")
+    # The engine names chat image parts messages[i].content[j]; over gRPC they are messages[i].parts[j].
+    message = re.sub(r"^messages\[(\d+)\]\.content\[", r"messages[\1].parts[", error.message)
+    rpc_error = RpcError(error.kind, message if error.kind is BAD_INPUT else error.message, error.param)
+    grpc_context.set_code(rpc_error.code)
+    grpc_context.set_details(rpc_error.details)
+    return rpc_error
 
 
 class GrpcIngressMixin:
@@ -106,9 +99,8 @@ class GrpcIngressMixin:
                     first = False
                     if out.finished:
                         _set_usage(response, len(out.prompt_token_ids), len(response.token_ids))
-        except RpcError as e:
-            grpc_context.set_code(e.code)
-            grpc_context.set_details(e.details)
+        except Exception as exc:
+            _fail(grpc_context, exc)
             return pb.GenerateResponse()
         return response
 
@@ -128,25 +120,22 @@ class GrpcIngressMixin:
                     if out.finished:
                         _set_usage(delta, len(out.prompt_token_ids), num_tokens)
                     yield delta
-        except RpcError as e:
-            grpc_context.set_code(e.code)
-            grpc_context.set_details(e.details)
-            raise
+        except Exception as exc:
+            raise _fail(grpc_context, exc) from None
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
         try:
             self._grpc_authenticate(grpc_context)
-        except RpcError as e:
-            grpc_context.set_code(e.code)
-            grpc_context.set_details(e.details)
+        except ServingError as exc:
+            _fail(grpc_context, exc)
             return pb.ListModelsResponse()
         return pb.ListModelsResponse(models=[pb.Model(id=self.model_name)])
 
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
         """grpc.health.v1.Health/Check, without authentication (for load balancers and probes)."""
         if request.service not in ("", SERVICE_NAME):
-            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-            grpc_context.set_details(f"unknown service {request.service!r}; this server has {SERVICE_NAME!r}")
+            _fail(grpc_context, ServingError(
+                NOT_FOUND, f"unknown service {request.service!r}; this server has {SERVICE_NAME!r}"))
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
@@ -155,142 +144,48 @@ class GrpcIngressMixin:
         yield await self.Check(request, grpc_context)
 
     def _grpc_authenticate(self, grpc_context) -> None:
-        if not self.api_key:
-            return
-        header = dict(grpc_context.invocation_metadata()).get("authorization", "")
-        if isinstance(header, bytes):
-            header = header.decode("utf-8", "replace")
-        if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
-            reason = "invalid API key" if header else "missing API key"
-            raise RpcError(
-                grpc.StatusCode.UNAUTHENTICATED, f"{reason}: send metadata 'authorization: Bearer <your key>'"
-            )
+        header = dict(grpc_context.invocation_metadata()).get("authorization")
+        error = check_api_key(header, self.api_key, HOW_TO_AUTHENTICATE)
+        if error is not None:
+            raise error
 
     def _grpc_parse(self, request: pb.GenerateRequest, grpc_context):
-        """Checks auth and the request; returns (prompt, SamplingParams) or raises RpcError."""
+        """Checks auth and the request; returns (prompt, SamplingParams) or raises ServingError."""
         self._grpc_authenticate(grpc_context)
         if request.model and request.model != self.model_name:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND,
+            raise ServingError(
+                NOT_FOUND,
                 f"model {request.model!r} is not served here; this server serves {self.model_name!r} "
                 "(leave `model` empty or see ListModels)",
             )
-        return _prompt(request), _sampling_params(request)
+        return parse_request(request, self.max_model_len)
 
     async def _grpc_engine_outputs(self, prompt, params, request_id: str) -> AsyncIterator[RequestOutput]:
-        """Runs one engine request under the bounded queue; aborts it unless it finished."""
-        if not self.try_admit():
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "the server is at its max_queued_requests limit; retry later",
-            )
-        started = finished = rejected = False
+        """Runs one engine request under the admission bound; aborts it unless it finished or failed."""
+        admission = self.admission
+        if not admission.try_admit():
+            raise admission.refusal()
+        over = False  # finished, or failed in the engine: nothing left to abort
         outputs = self.engine.generate(prompt, params, request_id)
         try:
             async for out in outputs:
-                started, finished = True, out.finished
+                over = out.finished
                 yield out
-        except ValueError as e:
-            if started:
-                raise
-            rejected = True
-            # The engine names chat image parts messages[i].content[j]; here they are messages[i].parts[j].
-            message = re.sub(r"^messages\[(\d+)\]\.content\[", r"messages[\1].parts[", _cause_message(e))
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
+        except Exception:
+            over = True
+            raise
         finally:
             try:
                 if hasattr(outputs, "aclose"):
                     await outputs.aclose()
-                if not (finished or rejected):  # also before the first update: the engine may have queued it
+                if not over:  # also before the first update: the engine may have queued it
                     await self.engine.abort(request_id)
             finally:
-                self.done()
+                admission.release()
 
 
 def _new_request_id() -> str:
     return f"grpc-{uuid.uuid4().hex}"
-
-
-def _prompt(request: pb.GenerateRequest) -> str | list[int] | list[dict] | dict:
-    kind = request.WhichOneof("prompt")
-    if kind and request.messages:
-        raise RpcError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"GenerateRequest has both {kind} and messages; set exactly one of text, token_ids, messages",
-        )
-    if request.images and not kind:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "images go with a text or token_ids prompt; put the "
-                                                         "images of chat messages in their parts")
-    if request.images:
-        prompt = request.text if kind == "text" else _token_ids(request)
-        images = [_image_bytes(image, f"images[{k}]") for k, image in enumerate(request.images)]
-        return {"prompt": prompt, "images": images}
-    if kind == "text":
-        return request.text
-    if kind == "token_ids":
-        return _token_ids(request)
-    if not request.messages:
-        raise RpcError(
-            grpc.StatusCode.INVALID_ARGUMENT, "GenerateRequest has no input; set one of text, token_ids, messages"
-        )
-    for i, message in enumerate(request.messages):
-        if message.role not in CHAT_ROLES:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"messages[{i}].role is {message.role!r}; allowed {', '.join(CHAT_ROLES)}",
-            )
-        if message.content and message.parts:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"messages[{i}] has both content and parts; set one of them")
-    return [{"role": m.role, "content": _content(m, i) if m.parts else m.content}
-            for i, m in enumerate(request.messages)]
-
-
-def _content(message: pb.ChatMessage, index: int) -> list[dict]:
-    parts = []
-    for j, part in enumerate(message.parts):
-        kind = part.WhichOneof("part")
-        if kind == "image":
-            parts.append({"type": "image", "image": _image_bytes(part.image, f"messages[{index}].parts[{j}]")})
-        elif kind == "text":
-            parts.append({"type": "text", "text": part.text})
-        else:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"messages[{index}].parts[{j}] is empty; set text or image")
-    return parts
-
-
-def _image_bytes(image: pb.Image, where: str) -> bytes:
-    mime = image.mime_type.strip().lower()
-    if mime and mime not in IMAGE_MIME_TYPES:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"{where}.mime_type is {image.mime_type!r}; send image/png, image/jpeg or image/webp")
-    if not image.data:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.data is empty; send the image file's bytes")
-    return bytes(image.data)
-
-
-def _token_ids(request: pb.GenerateRequest) -> list[int]:
-    ids = list(request.token_ids.ids)
-    if not ids:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "token_ids.ids is empty; send at least one token id")
-    for i, token_id in enumerate(ids):
-        if token_id < 0:
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"token_ids.ids[{i}] is {token_id}; ids are >= 0")
-    return ids
-
-
-def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
-    kwargs: dict[str, Any] = {name: getattr(request, name) for name in _OPTIONAL_PARAMS if request.HasField(name)}
-    try:
-        return SamplingParams(
-            stop=list(request.stop),
-            stop_token_ids=list(request.stop_token_ids),
-            prompt_logprobs=request.prompt_logprobs,
-            ignore_eos=request.ignore_eos,
-            **kwargs,
-        )
-    except ValueError as e:
-        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(e).replace("SamplingParams.", "", 1)) from None
 
 
 def _add_output(response, out: RequestOutput, first: bool) -> None:

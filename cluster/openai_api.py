@@ -11,7 +11,6 @@ models in `openai_protocol.py`, response bodies in `openai_responses.py`.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from typing import AsyncIterator, Protocol
@@ -22,8 +21,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
-from .openai_serving import GENERATION_PATHS, OpenAIServer, root_exception
+from .openai_serving import GENERATION_PATHS, OpenAIServer
 from .outputs import RequestOutput
+from .policy import NOT_FOUND, TOO_LARGE, UNAVAILABLE, Admission, ServingError, check_api_key, one_line, root_exception
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ class ServingContext(Protocol):
 
     `generate` streams `RequestOutput` deltas and raises ValueError (its text is sent to the client as a 400)
     before the first output on bad input (a Ray-wrapped ValueError counts: its `cause` is used). Any other
-    exception is a server failure: BackPressureError 429, DataPlaneError / DeploymentUnavailableError 503, else
-    500. Closing the iterator early must abort the request; `abort` is also called for every request the client
-    gave up on.
+    exception goes through the error table (policy.classify): BackPressureError 429, DataPlaneError /
+    DeploymentUnavailableError 503, a deadline 504, else 500. Closing the iterator early must abort the request;
+    `abort` is also called for every request the client gave up on.
     """
 
     model_name: str  # what clients send as `model` and /v1/models lists
@@ -44,6 +44,7 @@ class ServingContext(Protocol):
     tokenizer: object | None  # cluster.tokenizer.Tokenizer: token strings for logprobs, echo of token-id prompts
     api_key: str | None  # Bearer token required on /v1/*; None: open
     max_queued_requests: int  # generation requests in flight on this ingress; more get 429 at once
+    admission: Admission  # optional: that bound, shared with gRPC (default: one of this app's own)
     max_request_bytes: int  # larger request bodies get 413
     max_n: int  # largest accepted `n`
     max_images_per_request: int  # optional (default 8): images in one chat request, refused with 400 beyond
@@ -68,7 +69,7 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 class IngressGuard:
-    """Pure ASGI middleware: API key on /v1/*, the in-flight bound (429), and the body size limit (413).
+    """Pure ASGI middleware: API key on /v1/*, the admission bound (429), and the body size limit (413).
 
     The body is read here, counted, and replayed to the app; later `receive()` calls reach the server, so
     the routes still see `http.disconnect`.
@@ -86,22 +87,18 @@ class IngressGuard:
         ctx = self.server.ctx
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
-        if ctx.api_key and path.startswith("/v1/"):
-            err = _check_api_key(headers.get("authorization"), ctx.api_key)
+        if path.startswith("/v1/"):
+            err = check_api_key(headers.get("authorization"), ctx.api_key, HOW_TO_AUTHENTICATE)
             if err is not None:
-                return await self._reject(err, scope, receive, send)
+                return await self._reject(APIError.of(err), scope, receive, send)
         limit = ctx.max_request_bytes
         declared = headers.get("content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
             return await self._reject(_too_large(f"has {int(declared)} bytes", limit), scope, receive, send)
         generation = scope["method"] == "POST" and path in GENERATION_PATHS
-        if generation and self.server.inflight >= ctx.max_queued_requests:
-            return await self._reject(APIError(
-                429, f"this server is at its limit of {ctx.max_queued_requests} requests in flight "
-                     "(max_queued_requests); retry later", "rate_limit_error", code="rate_limit_exceeded",
-                headers={"Retry-After": "1"}), scope, receive, send)
-        if generation:
-            self.server.inflight += 1
+        admission = self.server.admission
+        if generation and not admission.try_admit():
+            return await self._reject(APIError.of(admission.refusal()), scope, receive, send)
         try:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body, more = [], True
@@ -120,24 +117,15 @@ class IngressGuard:
             await self.app(scope, receive, send)
         finally:
             if generation:
-                self.server.inflight -= 1
+                admission.release()
+
+
+HOW_TO_AUTHENTICATE = "the header 'Authorization: Bearer <key>'"
 
 
 def _too_large(what: str, limit: int) -> APIError:
-    return APIError(413, f"the request body {what}; this server accepts at most {limit} bytes (max_request_bytes)",
-                    code="request_too_large")
-
-
-def _check_api_key(header: bytes | None, api_key: str) -> APIError | None:
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if not header:
-        return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                        "authentication_error", code="invalid_api_key", headers=challenge)
-    scheme, _, token = header.partition(b" ")
-    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), api_key.encode()):
-        return APIError(401, "invalid API key (the Authorization header must be 'Bearer <key>' with this "
-                             "server's key)", "authentication_error", code="invalid_api_key", headers=challenge)
-    return None
+    return APIError.of(ServingError(
+        TOO_LARGE, f"the request body {what}; this server accepts at most {limit} bytes (max_request_bytes)"))
 
 
 def _replay(body: bytes, receive):
@@ -164,7 +152,7 @@ def _param(loc: tuple) -> str | None:
     return text or None
 
 
-_CUSTOM_ERRORS = {"union_type", "empty_prompt", "unsupported", "stop", "token_id", "too_many_prompts", "content_part"}
+_CUSTOM_ERRORS = {"union_type", "empty_prompt", "unsupported", "too_many_prompts", "content_part"}
 
 
 def _validation_message(error: dict) -> tuple[str, str | None]:
@@ -183,6 +171,9 @@ def _validation_message(error: dict) -> tuple[str, str | None]:
         return msg, re.match(r"\w+", msg).group(0) if re.match(r"\w+", msg) else None
     if kind == "missing":
         return f"{param} is required", param
+    if kind == "limit":  # from the limits table, worded as gRPC words it: `<field> is <value>; allowed <range>`
+        param += error["ctx"]["suffix"]
+        return f"{param} {error['ctx']['tail']}", param
     shown = repr(error.get("input"))
     got = f" (got {shown[:80]})" if "input" in error and kind not in _CUSTOM_ERRORS else ""
     return f"{param}: {msg}{got}", param
@@ -255,8 +246,8 @@ def build_fastapi_app(ctx: ServingContext) -> FastAPI:
     @app.get("/v1/models/{model}", responses=_ERRORS)
     async def retrieve_model(model: str) -> dict:
         if model != ctx.model_name:
-            raise APIError(404, f"model {model!r} does not exist; this server serves {ctx.model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError.of(ServingError(
+                NOT_FOUND, f"model {model!r} does not exist; this server serves {ctx.model_name!r}"), "model")
         return server.model_card()
 
     @app.get("/health", responses={503: {"model": ErrorResponse, "description": "Model unavailable"}})
@@ -266,7 +257,8 @@ def build_fastapi_app(ctx: ServingContext) -> FastAPI:
             await ctx.check_health()
         except Exception as exc:
             root = root_exception(exc)
-            raise APIError(503, f"unhealthy: {type(root).__name__}: {root}", "server_error") from None
+            reason = f"unhealthy: {type(root).__name__}: {one_line(str(root))}"
+            raise APIError.of(ServingError(UNAVAILABLE, reason)) from None
         return {"status": "ok"}
 
     return app

@@ -1,26 +1,30 @@
 """Wire shapes of the OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions`).
 
 Fields and ranges follow the OpenAI API reference; extensions (`top_k`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids`) follow vLLM. Models are strict (no `"5"` for 5, no `true` for 1) and ignore fields they do not
-know, as OpenAI-compatible servers do; the few OpenAI fields whose silent omission would change the answer
-(`logit_bias`, `suffix`, `tools`, ...) are declared and rejected when set. Deployment-dependent limits (`n` <=
-max_n, `max_tokens` <= max_model_len) are checked by the routes. Responses are plain dicts built by
-`openai_responses.py`.
+`stop_token_ids`) follow vLLM. Ranges, stop strings and chat roles come from `limits.py`, the table the gRPC
+API also checks, so a bad value gets the same message over both (a `limit` error: `<field> is <value>; allowed
+<range>`). Models are strict (no `"5"` for 5, no `true` for 1) except that whole-number floats (`16.0`) are
+integers, as in JSON Schema; they ignore fields they do not know, as OpenAI-compatible servers do; the few
+OpenAI fields whose silent omission would change the answer (`logit_bias`, `suffix`, `tools`, ...) are declared
+and rejected when set. Deployment-dependent limits (`n` <= max_n, `max_tokens` <= max_model_len) are checked by
+the routes. Responses are plain dicts built by `openai_responses.py`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .sampling_params import MAX_LOGPROBS, SamplingParams
+from . import limits
+from .openai_fields import (AtLeastOne, ChatMaxTokens, Logprobs, MaxTokens, Penalty, RepetitionPenalty, Role, Seed,
+                            Temperature, TokenIds, TopK, TopP, check_texts, raise_problem)
+from .policy import ServingError
+from .sampling_params import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_PROMPTS_PER_REQUEST = 256  # a batch of prompts in one /v1/completions request
-
-TokenIds = list[int]
 
 
 def _reject_union(value: Any, handler, message: str):
@@ -43,34 +47,40 @@ class _SamplingFields(_Strict):
     """Fields shared by both endpoints."""
 
     model: str = Field(description="The served model's name, as GET /v1/models lists it.")
-    n: int = Field(1, ge=1, description="Completions per prompt (at most the deployment's max_n).")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass; default 1.")
-    stop: str | list[str] | None = Field(None, description="Up to 16 strings that end the completion (not returned).")
-    seed: int | None = Field(None, ge=0, description="Sampling seed; choice i of n uses seed + i.")
+    n: AtLeastOne = Field(1, description="Completions per prompt (at most the deployment's max_n).")
+    temperature: Temperature | None = Field(None, description="0 is greedy; default 1.")
+    top_p: TopP | None = Field(None, description="Nucleus sampling mass; default 1.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {limits.MAX_STOP_STRINGS} strings that end the completion (not returned).")
+    seed: Seed | None = Field(None, description="Sampling seed; choice i of n uses seed + i.")
     stream: bool = Field(False, description="Stream server-sent events ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options (`include_usage`).")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="Penalty once per token already generated.")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="Penalty per occurrence in the output so far.")
+    presence_penalty: Penalty = Field(0.0, description="Penalty once per token already generated.")
+    frequency_penalty: Penalty = Field(0.0, description="Penalty per occurrence in the output so far.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; must be empty.")
     user: str | None = Field(None, description="Accepted and ignored.")
     # extensions (vLLM names)
-    top_k: int = Field(0, ge=-1, description="Extension: sample among the k most likely tokens; 0 or -1 is off.")
-    repetition_penalty: float = Field(1.0, gt=0, le=10, description="Extension: transformers-style; 1 is off.")
+    top_k: TopK = Field(0, description="Extension: sample among the k most likely tokens; 0 or -1 is off.")
+    repetition_penalty: RepetitionPenalty = Field(1.0, description="Extension: transformers-style; 1 is off.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
-        default_factory=list, description="Extension: token ids that end the completion."
-    )
+    stop_token_ids: TokenIds = Field(default_factory=list, description="Extension: token ids that end the completion.")
 
     @field_validator("stop", mode="wrap")
     @classmethod
     def _stop(cls, value, handler):
         value = _reject_union(value, handler, "must be a string or a list of strings")
         stops = [value] if isinstance(value, str) else list(value or [])
-        if any(not s for s in stops):
-            raise PydanticCustomError("stop", "must not contain empty strings")
-        if len(stops) > 16:
-            raise PydanticCustomError("stop", "has {count} strings; at most 16 are allowed", {"count": len(stops)})
+        problem = limits.stop_problem(stops)
+        if problem is not None and isinstance(value, str):
+            problem = limits.Problem(problem.tail)  # one string: no index
+        raise_problem(problem)
+        check_texts([("" if isinstance(value, str) else f"[{i}]", s) for i, s in enumerate(stops)])
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, value):
+        raise_problem(limits.token_ids_problem(value))
         return value
 
     @field_validator("logit_bias")
@@ -105,14 +115,14 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         description="A string, a list of strings, a list of token ids, or a list of token-id lists."
     )
-    max_tokens: int | None = Field(
-        DEFAULT_COMPLETION_MAX_TOKENS, ge=0, description="Tokens to generate (default 16); 0 scores the prompt."
+    max_tokens: MaxTokens | None = Field(
+        DEFAULT_COMPLETION_MAX_TOKENS, description="Tokens to generate (default 16); 0 scores the prompt."
     )
-    logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of each token and of this many alternatives."
+    logprobs: Logprobs | None = Field(
+        None, description="Log-probabilities of each token and of this many alternatives."
     )
     echo: bool = Field(False, description="Prepend the prompt to the text (and to the logprobs, first is null).")
-    best_of: int | None = Field(None, ge=1, description="Only `best_of` == n is supported.")
+    best_of: AtLeastOne | None = Field(None, description="Only `best_of` == n is supported.")
     suffix: str | None = Field(None, description="Not supported; must be unset.")
 
     @field_validator("prompt", mode="wrap")
@@ -123,15 +133,23 @@ class CompletionRequest(_SamplingFields):
         )
         if value == "" or value == [] or any(p == "" or p == [] for p in value if isinstance(p, (str, list))):
             raise PydanticCustomError("empty_prompt", "must not be empty (nor hold an empty prompt)")
-        flat = value if isinstance(value, list) and value and isinstance(value[0], int) else []
-        for ids in [flat] + [p for p in value if isinstance(p, list)]:
-            if any(t < 0 for t in ids):
-                raise PydanticCustomError("token_id", "token ids must be >= 0")
-        if isinstance(value, list) and len(value) > MAX_PROMPTS_PER_REQUEST and not flat:
+        if isinstance(value, str):
+            check_texts([("", value)])
+            return value
+        if isinstance(value[0], int):
+            raise_problem(limits.token_ids_problem(value))
+            return value
+        if len(value) > MAX_PROMPTS_PER_REQUEST:
             raise PydanticCustomError(
                 "too_many_prompts", "has {count} prompts; at most {limit} are allowed in one request",
                 {"count": len(value), "limit": MAX_PROMPTS_PER_REQUEST},
             )
+        for p, prompt in enumerate(value):
+            if isinstance(prompt, str):
+                check_texts([(f"[{p}]", prompt)])
+            else:
+                problem = limits.token_ids_problem(prompt)
+                raise_problem(None if problem is None else limits.Problem(problem.tail, f"[{p}]{problem.suffix}"))
         return value
 
     @field_validator("suffix")
@@ -178,7 +196,7 @@ CONTENT_PART_TYPES = ("text", "image_url")
 class ChatMessage(_Strict):
     """A message; `developer` is read as `system`. Tool messages are not supported (no tool calling)."""
 
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="Who wrote the message.")
+    role: Role = Field(description="Who wrote the message.")
     content: str | list[TextPart | ImageURLPart] = Field(
         description="A string or a list of parts: text, and images as base64 data URLs."
     )
@@ -193,10 +211,14 @@ class ChatMessage(_Strict):
                     "content_part", "part {index} has type '{type}'; only 'text' and 'image_url' parts are supported",
                     {"index": i, "type": part.get("type")},
                 )
-        return _reject_union(
+        value = _reject_union(
             value, handler, 'must be a string or a list of parts {"type": "text", "text": ...} or '
                             '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}'
         )
+        parts = [("", value)] if isinstance(value, str) else \
+            [(f"[{j}].text", p.text) for j, p in enumerate(value) if isinstance(p, TextPart)]
+        check_texts(parts)
+        return value
 
     def num_images(self) -> int:
         return 0 if isinstance(self.content, str) else sum(isinstance(p, ImageURLPart) for p in self.content)
@@ -206,13 +228,13 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, at least one message.")
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated name of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="Tokens to generate; default: up to the context length (max_model_len)."
+    max_tokens: ChatMaxTokens | None = Field(None, description="Deprecated name of max_completion_tokens.")
+    max_completion_tokens: ChatMaxTokens | None = Field(
+        None, description="Tokens to generate; default: up to the context length (max_model_len)."
     )
     logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_LOGPROBS, description="Also this many most likely alternatives (needs logprobs)."
+    top_logprobs: Logprobs | None = Field(
+        None, description="Also this many most likely alternatives (needs logprobs)."
     )
     tools: list[dict] | None = Field(None, description="Not supported; must be unset or empty.")
     tool_choice: str | dict | None = Field(None, description="Not supported; must be unset or 'none'.")
@@ -270,6 +292,13 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
+
+    @classmethod
+    def of(cls, error: ServingError, param: str | None = None) -> "APIError":
+        """The HTTP face of a ServingError: its row's status, OpenAI type and code (see policy.ERRORS)."""
+        kind = error.kind
+        return cls(kind.http_status, error.message, kind.openai_type, param or error.param, kind.openai_code,
+                   dict(kind.http_headers) or None)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

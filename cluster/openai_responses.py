@@ -105,17 +105,19 @@ class TextOffsets:
 
 
 def completion_logprobs(tt: TokenText, offsets: TextOffsets, ids: list[int], logprobs: list[float | None],
-                        top: list[list[tuple[int, float]]] | None) -> dict:
-    """The /v1/completions `logprobs` object of some tokens (top: alternatives per token, or None)."""
+                        top: list[list[tuple[int, float]] | None] | None) -> dict:
+    """The /v1/completions `logprobs` object of some tokens (top: alternatives per token, or None). A
+    `top_logprobs` entry lists the token itself, then its alternatives; None for the first prompt token."""
     tokens = [tt.token(i) for i in ids]
     top_dicts = []
     for k, lp in enumerate(logprobs):
-        if top is None:
-            top_dicts.append(None if lp is None else {tokens[k]: finite(lp)})
-        else:
-            alternatives = {tt.token(t): finite(v) for t, v in top[k]}
-            alternatives.setdefault(tokens[k], finite(lp))  # vLLM: the chosen token is always listed
-            top_dicts.append(alternatives)
+        if lp is None:
+            top_dicts.append(None)
+            continue
+        entry = {tokens[k]: finite(lp)}
+        for t, v in (top[k] if top else None) or []:
+            entry.setdefault(tt.token(t), finite(v))
+        top_dicts.append(entry)
     return {
         "tokens": tokens,
         "token_logprobs": [finite(lp) for lp in logprobs],
@@ -242,7 +244,7 @@ class CompletionFormatter(_Formatter):
         if echo_now:
             ids = out.prompt_token_ids
             values = out.prompt_logprobs or [None] * len(ids)
-            logprobs = completion_logprobs(self.tt, choice.offsets, ids, values, None)
+            logprobs = completion_logprobs(self.tt, choice.offsets, ids, values, out.prompt_top_logprobs)
         generated = completion_logprobs(self.tt, choice.offsets, out.token_ids,
                                         out.logprobs or [None] * len(out.token_ids), out.top_logprobs)
         return text, _merge_logprobs(logprobs, generated)

@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from . import limits
 from .openai_images import engine_messages
 from .openai_protocol import DEFAULT_COMPLETION_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest
 from .openai_responses import ChatFormatter, CompletionFormatter
 from .outputs import RequestOutput
+from .policy import BAD_INPUT, NOT_FOUND, Admission, ServingError, classify
 from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -32,28 +34,15 @@ logger = logging.getLogger(__name__)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
-def root_exception(exc: BaseException) -> BaseException:
-    """Ray wraps a remote exception in a RayTaskError whose str() holds a traceback; the cause is what was raised."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
-
-
 def engine_error(exc: BaseException) -> APIError:
-    """Classify an exception out of `ServingContext.generate`."""
-    root = root_exception(exc)
-    name = type(root).__name__
-    if isinstance(root, ValueError) or isinstance(exc, ValueError):
-        message = str(root).removeprefix("SamplingParams.")
-        field = re.match(r"(\w+)((?:\[\d+\]|\.\w+)*)", message)  # e.g. messages[0].content[1]
+    """An exception out of `ServingContext.generate` as an HTTP error, through the error table (policy.py)."""
+    error = classify(exc, "HTTP request")
+    param = None
+    if error.kind is BAD_INPUT:
+        field = re.match(r"(\w+)((?:\[\d+\]|\.\w+)*)", error.message)  # e.g. messages[0].content[1]
         known = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields)
-        return APIError(400, message, param=field.group(0) if field and field.group(1) in known else None)
-    if name == "BackPressureError":
-        return APIError(429, "the model's request queue is full; retry later", "rate_limit_error",
-                        code="rate_limit_exceeded")
-    if name in ("DataPlaneError", "DeploymentUnavailableError", "RayActorError", "ActorDiedError"):
-        return APIError(503, f"the model instance is unavailable ({name}: {root}); retry later", "server_error")
-    logger.error("engine request failed", exc_info=exc)
-    return APIError(500, f"internal error while generating ({name}: {root})", "server_error")
+        param = field.group(0) if field and field.group(1) in known else None
+    return APIError.of(error, param)
 
 
 # ---------------------------------------------------------------- engine requests of one HTTP request
@@ -161,8 +150,13 @@ class OpenAIServer:
 
     def __init__(self, ctx: ServingContext):
         self.ctx = ctx
-        self.inflight = 0  # generation requests being served (the 429 bound)
+        # generation requests being served (the 429 bound), shared with gRPC when the context has one
+        self.admission = getattr(ctx, "admission", None) or Admission(ctx.max_queued_requests)
         self._background: set[asyncio.Task] = set()
+
+    @property
+    def inflight(self) -> int:
+        return self.admission.in_flight
 
     def spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -172,13 +166,14 @@ class OpenAIServer:
     def _check_common(self, body, max_tokens: int, tokens_field: str = "max_tokens") -> None:
         ctx = self.ctx
         if body.model != ctx.model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {ctx.model_name!r} "
-                                "(see GET /v1/models)", param="model", code="model_not_found")
-        if body.n > ctx.max_n:
-            raise APIError(400, f"n is {body.n}; this deployment accepts at most {ctx.max_n} (max_n)", param="n")
-        if max_tokens > ctx.max_model_len:
-            raise APIError(400, f"{tokens_field} is {max_tokens}; this deployment accepts at most "
-                                f"{ctx.max_model_len} (max_model_len, prompt included)", param=tokens_field)
+            raise APIError.of(ServingError(NOT_FOUND, f"model {body.model!r} does not exist; this server serves "
+                                                      f"{ctx.model_name!r} (see GET /v1/models)"), "model")
+        checks = {"n": limits.deployment_limit(body.n, ctx.max_n, "max_n"),
+                  tokens_field: limits.deployment_limit(max_tokens, ctx.max_model_len, "max_model_len",
+                                                        "prompt included")}
+        for name, problem in checks.items():
+            if problem is not None:
+                raise APIError.of(ServingError(BAD_INPUT, problem.at(name)), name)
 
     def _jobs(self, prompts: list, n: int, params: SamplingParams, request_id: str) -> list:
         jobs = []
@@ -233,9 +228,10 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         self._check_common(body, max_tokens)
-        want_prompt_logprobs = body.echo and body.logprobs is not None
+        # echo + logprobs=n scores the prompt too: each prompt position with its n most likely tokens (vLLM, OpenAI)
+        prompt_logprobs = (body.logprobs or True) if body.echo and body.logprobs is not None else False
         try:
-            params = body.sampling_params(max_tokens, body.logprobs, prompt_logprobs=want_prompt_logprobs)
+            params = body.sampling_params(max_tokens, body.logprobs, prompt_logprobs=prompt_logprobs)
         except ValueError as err:
             raise engine_error(err) from None
         prompts = body.prompts()

@@ -15,6 +15,8 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
+    # prompt_logprobs=n >= 1: the n most likely (id, logprob) at each prompt position, None for the first
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
 @dataclass
@@ -35,6 +37,8 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None  # one list of (id, logprob) per new id, when n > 0
     prompt_logprobs: list[float | None] | None = None  # in the first update, when requested
     num_generated_tokens: int = 0  # cumulative
+    # in the first update, when prompt_logprobs=n >= 1: n (id, logprob) per prompt position, None for the first
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,7 +12,9 @@ class SamplingParams:
     """Mirrors vLLM's SamplingParams for the fields we support.
 
     logprobs: None (off), True/0 (log-probability of each generated token), or n in 1..20 (also the n most
-    likely alternatives). prompt_logprobs: one float per prompt token, None for the first.
+    likely alternatives). prompt_logprobs: False/None (off), True/0 (the log-probability of each prompt token,
+    None for the first), or n in 1..20 (also the n most likely alternatives at each prompt position, as vLLM);
+    stored as False, True or n.
     presence_penalty / frequency_penalty (-2..2) work as in the OpenAI API: subtracted from the logit of every
     token already generated, once / once per occurrence. repetition_penalty (> 0, 1 is off) works as in
     transformers and vLLM: logits of tokens in the prompt or output are divided by it when positive and
@@ -28,7 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool | int | None = None
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool | int | None = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -60,6 +62,13 @@ class SamplingParams:
             self.logprobs = None
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad("logprobs", self.logprobs, f"None, True, or an integer 0..{MAX_LOGPROBS}")
+        p = self.prompt_logprobs
+        if p is None or p is False or p is True:
+            self.prompt_logprobs = bool(p)
+        elif not isinstance(p, int) or not 0 <= p <= MAX_LOGPROBS:
+            bad("prompt_logprobs", p, f"None, True/False, or an integer 0..{MAX_LOGPROBS}")
+        else:
+            self.prompt_logprobs = p or True  # 0: the prompt tokens' own logprobs only, as True
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
@@ -71,6 +80,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """None: no prompt logprobs; n >= 0: each prompt token's logprob plus n alternatives per position."""
+        p = self.prompt_logprobs
+        return None if p is False else 0 if p is True else p
 
     @property
     def is_greedy(self) -> bool:

@@ -43,6 +43,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose k/v are in the cache
     prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=lambda: [None])
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
@@ -138,6 +139,7 @@ class Scheduler:
             sampling=seq.sampling_spec() if samples else None,
             num_generated=len(seq.output_ids),
             logprob_targets=targets,
+            num_prompt_top=seq.params.num_prompt_logprobs or 0,
             penalty_prompt_ids=seq.prompt_ids if penalized and seq.params.repetition_penalty != 1 else [],
             penalty_output_ids=seq.output_ids if penalized else [],
             image_pixels=pixels,

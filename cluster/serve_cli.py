@@ -32,7 +32,7 @@ def add_serve_subcommand(subparsers) -> None:
     p.add_argument("--served-model-name")
     p.add_argument("--http-port", type=int, help="default 8000")
     p.add_argument("--grpc-port", type=int, help="default 9000")
-    p.add_argument("--host", default="127.0.0.1", help="interface the HTTP proxy listens on (0.0.0.0 for all)")
+    p.add_argument("--host", default="127.0.0.1", help="interface the HTTP and gRPC proxies listen on (0.0.0.0: all)")
     p.add_argument("--address", help="Ray cluster to join: 'auto' or ray://host:10001 (default: start a local one)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port of a local cluster")
     p.add_argument("--config", type=Path, help="YAML file of ServeConfig fields; flags given override it")
@@ -47,15 +47,19 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def start_serve(config: ServeConfig, host: str = "127.0.0.1") -> None:
-    """Starts Serve's HTTP and gRPC proxies and deploys the app (Ray must be initialized)."""
+    """Starts Serve's HTTP and gRPC proxies on `host` and deploys the app (Ray must be initialized).
+
+    Serve's gRPC proxy has no host option; HostgRPCOptions makes it listen where the HTTP proxy does (see
+    grpc_bind.py).
+    """
     from ray import serve
-    from ray.serve.config import gRPCOptions
 
     from .app import build_app
+    from .grpc_bind import HostgRPCOptions
 
     serve.start(
         http_options={"host": host, "port": config.http_port},
-        grpc_options=gRPCOptions(port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
+        grpc_options=HostgRPCOptions(host=host, port=config.grpc_port, grpc_servicer_functions=GRPC_SERVICERS),
     )
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
 
@@ -63,6 +67,8 @@ def start_serve(config: ServeConfig, host: str = "127.0.0.1") -> None:
 def main_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
+
+    from .grpc_bind import host_port
 
     config = config_from_args(args)
     local = args.address is None
@@ -78,11 +84,11 @@ def main_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         start_serve(config, args.host)
-        shown = "0.0.0.0" if args.host == "0.0.0.0" else args.host
         key = "set" if config.resolved_api_key() else f"none (set {API_KEY_ENV} to require one)"
+        http, grpc = host_port(args.host, config.http_port), host_port(args.host, config.grpc_port)
         print(f"llama4serve: serving {config.model_name()!r}", flush=True)
-        print(f"  OpenAI HTTP  http://{shown}:{config.http_port}/v1  (health: /health, docs: /docs)", flush=True)
-        print(f"  gRPC         {shown}:{config.grpc_port}  (llama4serve.v1.Llama4Serve, grpc.health.v1)", flush=True)
+        print(f"  OpenAI HTTP  http://{http}/v1  (health: /health, docs: /docs)", flush=True)
+        print(f"  gRPC         {grpc}  (llama4serve.v1.Llama4Serve, grpc.health.v1)", flush=True)
         print(f"  API key      {key}", flush=True)
         if local:
             print(f"  dashboard    http://127.0.0.1:{args.dashboard_port}", flush=True)

@@ -13,6 +13,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from llama4serve.cluster.grpc_service import GrpcIngressMixin, RpcError
 from llama4serve.cluster.outputs import RequestOutput
+from llama4serve.cluster.policy import BAD_INPUT, Admission
 from llama4serve.protos import llama4serve_pb2 as pb
 
 PROMPT_IDS = [1, 2, 3]
@@ -52,17 +53,12 @@ class Ingress(GrpcIngressMixin):
         self.engine = engine or FakeEngine()
         self.model_name = "tiny-scout"
         self.api_key = api_key
-        self.max_queued_requests = max_queued_requests
-        self.in_flight = 0
+        self.admission = Admission(max_queued_requests)
+        self.max_model_len = 64
 
-    def try_admit(self):
-        if self.in_flight >= self.max_queued_requests:
-            return False
-        self.in_flight += 1
-        return True
-
-    def done(self):
-        self.in_flight -= 1
+    @property
+    def in_flight(self):
+        return self.admission.in_flight
 
 
 def context(metadata=()):
@@ -219,7 +215,7 @@ def test_api_key_is_required_and_never_echoed():
 
 def test_full_queue_is_resource_exhausted():
     ingress = Ingress(max_queued_requests=1)
-    ingress.in_flight = 1
+    assert ingress.admission.try_admit()
     ctx = context()
     generate(ingress, pb.GenerateRequest(text="hi"), ctx)
     assert ctx.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_requests" in ctx.details()
@@ -287,5 +283,7 @@ def test_health_check_and_list_models():
 
 def test_rpc_error_survives_pickling():
     # A streaming method's RpcError crosses from the replica to Serve's proxy inside a RayTaskError.
-    error = pickle.loads(pickle.dumps(RpcError(grpc.StatusCode.INVALID_ARGUMENT, "top_p is 0.0")))
-    assert (error.code, error.details, str(error)) == (grpc.StatusCode.INVALID_ARGUMENT, "top_p is 0.0", "top_p is 0.0")
+    message = "top_p is 0; allowed (0, 1]"
+    error = pickle.loads(pickle.dumps(RpcError(BAD_INPUT, message)))
+    assert (error.code, error.details, str(error), error.kind) == (grpc.StatusCode.INVALID_ARGUMENT, message, message,
+                                                                   BAD_INPUT)

@@ -240,7 +240,7 @@ def test_echo_logprobs_scoring(app, serving, tokenizer):
     result = run(go())
     ids = tokenizer.encode(prompt)
     choice = result.choices[0]
-    assert serving.calls[0][1].prompt_logprobs is True
+    assert serving.calls[0][1].prompt_logprobs == 1  # echo + logprobs=1: one alternative per prompt position
     assert choice.text == prompt and choice.finish_reason == "length"
     lp = choice.logprobs
     assert len(lp.tokens) == len(ids) and lp.tokens[0] == "<|begin_of_text|>"
@@ -330,22 +330,22 @@ BAD_INPUTS = [
     ("unknown model", CMPL, {"model": "gpt-4", "prompt": "x"}, 404, "model", ["'gpt-4'", MODEL]),
     ("unknown model chat", CHAT, {"model": "gpt-4", "messages": USER}, 404, "model", ["does not exist"]),
     ("negative max_tokens", CMPL, {"model": MODEL, "prompt": "x", "max_tokens": -1}, 400, "max_tokens",
-     ["greater than or equal to 0"]),
+     ["max_tokens is -1; allowed an integer >= 0"]),
     ("huge max_tokens", CMPL, {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens",
      ["1000000000", "64", "max_model_len"]),
     ("huge max_completion_tokens", CHAT, {"model": MODEL, "messages": USER, "max_completion_tokens": 65}, 400,
      "max_completion_tokens", ["65", "64"]),
     ("zero max_tokens chat", CHAT, {"model": MODEL, "messages": USER, "max_tokens": 0}, 400, "max_tokens",
-     ["greater than or equal to 1"]),
+     ["max_tokens is 0; allowed an integer >= 1"]),
     ("temperature < 0", CMPL, {"model": MODEL, "prompt": "x", "temperature": -0.5}, 400, "temperature",
-     ["greater than or equal to 0"]),
+     ["temperature is -0.5; allowed 0..2"]),
     ("temperature > 2", CHAT, {"model": MODEL, "messages": USER, "temperature": 2.5}, 400, "temperature",
-     ["less than or equal to 2"]),
-    ("top_p 0", CMPL, {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", ["greater than 0"]),
+     ["temperature is 2.5; allowed 0..2"]),
+    ("top_p 0", CMPL, {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", ["top_p is 0; allowed (0, 1]"]),
     ("n too large", CMPL, {"model": MODEL, "prompt": "x", "n": 5}, 400, "n", ["n is 5", "at most 4", "max_n"]),
-    ("n zero", CHAT, {"model": MODEL, "messages": USER, "n": 0}, 400, "n", ["greater than or equal to 1"]),
+    ("n zero", CHAT, {"model": MODEL, "messages": USER, "n": 0}, 400, "n", ["n is 0; allowed an integer >= 1"]),
     ("logprobs too large", CMPL, {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs",
-     ["less than or equal to 20"]),
+     ["logprobs is 21; allowed an integer 0..20"]),
     ("top_logprobs too large", CHAT, {"model": MODEL, "messages": USER, "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs", ["20"]),
     ("top_logprobs without logprobs", CHAT, {"model": MODEL, "messages": USER, "top_logprobs": 2}, 400,
@@ -367,7 +367,7 @@ BAD_INPUTS = [
      ["required"]),
     ("empty prompt", CMPL, {"model": MODEL, "prompt": ""}, 400, "prompt", ["empty"]),
     ("empty prompt list", CMPL, {"model": MODEL, "prompt": []}, 400, "prompt", ["empty"]),
-    ("negative token id", CMPL, {"model": MODEL, "prompt": [1, -2]}, 400, "prompt", [">= 0"]),
+    ("negative token id", CMPL, {"model": MODEL, "prompt": [1, -2]}, 400, "prompt[1]", ["prompt[1] is -2", ">= 0"]),
     ("empty stop", CMPL, {"model": MODEL, "prompt": "x", "stop": ""}, 400, "stop", ["empty"]),
     ("top_k invalid", CMPL, {"model": MODEL, "prompt": "x", "top_k": -5}, 400, "top_k", ["-1"]),
     ("logit_bias", CHAT, {"model": MODEL, "messages": USER, "logit_bias": {"1": 5}}, 400, "logit_bias",

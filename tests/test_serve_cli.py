@@ -11,6 +11,8 @@ import time
 
 import httpx
 
+from serve_helpers import listening_hosts
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -42,6 +44,9 @@ def test_serve_command_serves_until_ctrl_c(tmp_path):
         reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
                            json={"model": "tiny-scout", "prompt": "Hello", "max_tokens": 5, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5, reply.text
+        # --host (default 127.0.0.1) binds the gRPC proxy as well as the HTTP one
+        for port in (http_port, grpc_port):
+            assert listening_hosts(port) and listening_hosts(port) <= {"127.0.0.1", "::ffff:127.0.0.1"}, port
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
         log.seek(0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
+import time
 
 import grpc
 import httpx
@@ -18,6 +20,7 @@ from llama4serve.cluster.checkpoint_maker import write_checkpoint
 from llama4serve.cluster.serve_cli import APP_NAME, start_serve
 from llama4serve.cluster.serve_config import ServeConfig
 from llama4serve.protos import llama4serve_pb2 as pb, llama4serve_pb2_grpc as pb_grpc
+from serve_helpers import listening_hosts, log_offsets, logs_since, non_loopback_ip
 
 KEY = "test-key-123"
 PROMPT = "The quick brown fox"
@@ -175,3 +178,43 @@ def test_grpc_bad_input_is_invalid_argument(server):
     assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
     reply = stub.Generate(pb.GenerateRequest(text=PROMPT, max_tokens=12, temperature=0), metadata=AUTH, timeout=60)
     assert list(reply.token_ids) == greedy.token_ids
+
+
+LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def test_grpc_listens_on_the_http_host_only(server):
+    """start_serve's host (127.0.0.1 by default) binds gRPC as it binds HTTP: not reachable from the network."""
+    config, _, _ = server
+    for port in (config.grpc_port, config.http_port):
+        hosts = listening_hosts(port)
+        assert hosts and hosts <= LOOPBACK, (port, hosts)
+    ip = non_loopback_ip()
+    if ip is not None:  # this machine's own network address
+        for port in (config.grpc_port, config.http_port):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((ip, port), timeout=10).close()
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}"))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_client_errors_are_logged_in_one_info_line(server):
+    """Serve's logs (Engine and Ingress replicas, proxy) get no ERROR and no traceback for client mistakes that
+    the engine detects (a too-long prompt) or the ingress does (a bad temperature), over HTTP and gRPC."""
+    config, _, _ = server
+    stub = _stub(config)
+    offsets = log_offsets()
+    too_long = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 1500), max_tokens=1)
+    assert _raw(config, {"model": "tiny-maverick", "prompt": [5] * 1500, "max_tokens": 1}).status_code == 400
+    for request in (too_long, pb.GenerateRequest(text="x", temperature=5)):
+        for call in (stub.Generate, lambda *a, **k: list(stub.GenerateStream(*a, **k))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, metadata=AUTH, timeout=60)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(2)  # let the replicas' and the proxy's log handlers write
+    logs = logs_since(offsets)
+    text = "\n".join(logs.values())
+    assert not re.search(r"^(ERROR|WARNING)|Traceback", text, re.M), text[-3000:]
+    engine = "".join(t for name, t in logs.items() if "Engine" in name)
+    assert len(re.findall(r"^INFO .* rejected: prompt has 1500 tokens; .*at most 1024", engine, re.M)) == 3
+    assert re.search(r"^INFO .*INVALID_ARGUMENT: temperature is 5; allowed 0\.\.2", text, re.M)
