@@ -1,6 +1,6 @@
 """Causal GQA attention over a padded batch of sequences, with optional chunked-local masking.
 
-The caller lays a ragged batch out as B sequences padded to a common length (see `actors/model_runner.py`).
+The caller lays a ragged batch out as B sequences padded to a common length (see `actors/runner/model_runner.py`).
 Shapes: B sequences, Lq query slots, Lk key slots, Hq query heads, Hkv kv heads, D head_dim.
 A key at position -1 is padding; a query at position -1 is padding (its output is garbage, never NaN).
 """

@@ -11,7 +11,7 @@ Two faces over one kernel:
 
 The chunk rule (RoPE layers: position p sees [floor(p / C) * C, p], transformers' create_chunked_causal_mask)
 and causality (NoPE layers, C = None) are one `mask_mod`. NoPE temperature scaling stays on q before the call,
-as in `actors/model.py`. Every shape is fixed by (B, Lq, Lk); nothing reads a tensor's value on the host, so a
+as in `actors/model/text_model.py`. Every shape is fixed by (B, Lq, Lk); nothing reads a tensor's value on the host, so a
 decode step (Lq = 1) can be captured as a CUDA graph, and every function here runs on FakeTensorMode "cuda"
 tensors (on a CPU-only build once a no-op CUDA device guard is registered, see tests/unit/fake_cuda.py; the
 compiled kernel itself needs a real device).

@@ -17,7 +17,7 @@ from functools import cache
 
 import torch
 
-from . import native
+from llama4serve.kernels import native
 
 _PANEL = 64  # output columns per panel (NR in cpu_kernels.c)
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .linear import PanelWeight, linear, panel_swiglu
+from llama4serve.kernels.linear import PanelWeight, linear, panel_swiglu
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,7 @@ def cpu_kernels() -> ctypes.CDLL | None:
             "panel_linear_f32": [ptr, ptr, ptr, ptr, i64, i64, i64],
             "swiglu_f32": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64],
             "rms_norm_f32": [ptr, ptr, ptr, i64, i64, ctypes.c_float],
-            # DecodeLayer / DecodeDims structs from actors/fused_decode.py, by address
+            # DecodeLayer / DecodeDims structs from actors/runner/fused_decode.py, by address
             "decode_layer_f32": [ptr, ptr, i64, ptr, ptr, ptr, ptr],
             "decode_scratch_floats": [ptr, i64, i64, i64, i64],
         }

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from . import native
+from llama4serve.kernels import native
 
 
 def _float32_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ I encoder MLP width, r pixel-shuffle ratio.
 import torch
 import torch.nn.functional as F
 
-from .rope import apply_rope
+from llama4serve.kernels.rope import apply_rope
 
 
 def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, patch_size: int) -> torch.Tensor:

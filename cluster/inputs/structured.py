@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .grammar_matcher import (
+from llama4serve.cluster.inputs.grammar_matcher import (
     StructuredMatcher, Utf8Guard, allocate_bitmask, allowed_token_ids, apply_token_bitmask,
 )
 

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .structured import StructuredOutputSpec, json_schema_spec
-from .tool_call_parser import (
+from llama4serve.cluster.inputs.structured import StructuredOutputSpec, json_schema_spec
+from llama4serve.cluster.inputs.tool_call_parser import (
     PYTHON_END, PYTHON_START, ToolCallStreamParser, make_tool_call, new_tool_call_id, parse_tool_calls,
 )
 

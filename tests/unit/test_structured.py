@@ -23,7 +23,7 @@ def write_random_checkpoint(out_dir):
     try:  # after the cluster/ restructure
         from llama4serve.cluster.checkpoints.maker import write_checkpoint
     except ImportError:
-        from llama4serve.cluster.checkpoint_maker import write_checkpoint
+        from llama4serve.cluster.checkpoints.maker import write_checkpoint
     return write_checkpoint(out_dir, "tiny-scout")
 
 

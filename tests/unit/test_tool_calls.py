@@ -196,7 +196,7 @@ def checkpoint_dir(tmp_path_factory):
     try:  # after the cluster/ restructure
         from llama4serve.cluster.checkpoints.maker import write_checkpoint
     except ImportError:
-        from llama4serve.cluster.checkpoint_maker import write_checkpoint
+        from llama4serve.cluster.checkpoints.maker import write_checkpoint
     return write_checkpoint(tmp_path_factory.mktemp("tiny-scout"), "tiny-scout")
 
 
@@ -285,7 +285,7 @@ def test_templates_without_a_tool_section_get_the_tools_in_the_system_message(ch
     try:  # after the cluster/ restructure
         from llama4serve.cluster.inputs.tokenizer import Tokenizer
     except ImportError:
-        from llama4serve.cluster.tokenizer import Tokenizer
+        from llama4serve.cluster.inputs.tokenizer import Tokenizer
 
     root = checkpoint_dir
     template = (root / "chat_template.jinja").read_text()

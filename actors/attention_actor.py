@@ -1,0 +1,123 @@
+"""AttentionActor: one Ray actor holding the text model (embeddings, attention, dense MLPs, shared experts,
+router, lm_head), its iRoPE KV cache, and — when `expert_actors = 0` — all routed experts.
+
+Per step it receives a StepBatch (token ids, positions, block tables) and returns sampled tokens, never logits.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llama4serve.actors.step_io import SeqOutput, StepBatch
+from llama4serve.actors.model.checkpoint import CheckpointReader
+from llama4serve.actors.model.config import load_model_config
+from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.runner.image_features import ImageFeatureCache
+from llama4serve.actors.runner.kv_cache import KVCache
+from llama4serve.actors.model.text_model import Llama4TextModel
+from llama4serve.actors.runner.model_runner import ModelRunner
+from llama4serve.actors.parallel.process_group import join, master_address
+from llama4serve.actors.parallel.router import ExpertLayout, Router
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExpertLoad:
+    """Routed experts (`RoutedExperts`) that also count the rows sent to each expert of each MoE layer: one
+    index_add per MoE layer per step, on the rows' device, without a host sync."""
+
+    def __init__(self, routed, moe_layers: tuple[int, ...], num_experts: int):
+        self.routed = routed
+        self.row = {layer: r for r, layer in enumerate(moe_layers)}
+        self.counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.long)  # [MoE layers, E]
+
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int):
+        if self.counts.device != expert_ids.device:
+            self.counts = self.counts.to(expert_ids.device)
+        self.counts[self.row[layer]].index_add_(0, expert_ids, torch.ones_like(expert_ids))
+        return self.routed.start(layer, x, expert_ids, capacity)
+
+    def count(self, layers: list[int], expert_ids: torch.Tensor) -> None:
+        """Adds one row to expert_ids[j] of MoE layer layers[j] (for a step routed in native code)."""
+        rows = torch.tensor([self.row[layer] for layer in layers])
+        self.counts.index_put_((rows, expert_ids.to(self.counts.device)), torch.ones_like(rows), accumulate=True)
+
+    def take(self) -> torch.Tensor:
+        """The counts since the last take, on the CPU: [MoE layers, E] int64."""
+        counts, self.counts = self.counts.cpu(), torch.zeros_like(self.counts)
+        return counts
+
+
+class AttentionActor:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: str,
+        num_full_blocks: int,
+        num_chunk_blocks: int,
+        block_size: int,
+        torch_threads: int | None = None,
+        expert_bounds: list[tuple[int, int]] | None = None,
+        num_attention_ranks: int = 1,
+    ):
+        """expert_bounds: expert ranges of the expert actors (ranks num_attention_ranks, ...); None keeps every
+        routed expert in this actor."""
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        cfg = load_model_config(model_dir)
+        reader = CheckpointReader(model_dir)
+        self.dtype = torch_dtype = DTYPES[dtype]
+        self.router: Router | None = None
+        if expert_bounds:
+            world_size = num_attention_ranks + len(expert_bounds)
+            layout = ExpertLayout(expert_bounds, num_attention_ranks, world_size)
+            self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers, torch_dtype)
+        else:
+            routed = LocalExperts(cfg, reader, 0, cfg.num_experts, torch_dtype)
+        self.expert_load = ExpertLoad(routed, cfg.moe_layers, cfg.num_experts)
+        model = Llama4TextModel(cfg, reader, torch_dtype, self.expert_load)
+        images = ImageFeatureCache.create(cfg, reader, torch_dtype)  # None for text-only checkpoints
+        reader.close()
+        self.kv = KVCache(cfg, num_full_blocks, num_chunk_blocks, block_size, torch_dtype)
+        self.runner = ModelRunner(cfg, model, self.kv, images, None if self.router else routed)
+        self.all_to_all_seconds: list[float] = []  # per step with sequences, since the last take_metrics
+
+    def ready(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "kv_cache_bytes": self.kv.nbytes(), "torch_threads": torch.get_num_threads()}
+
+    def master_address(self) -> tuple[str, int]:
+        return master_address()
+
+    def join_group(self, master: tuple[str, int], rank: int, world_size: int, timeout_s: float) -> str:
+        return join(master, rank, world_size, timeout_s)
+
+    def exchange_stats(self) -> tuple[float, int]:
+        """(seconds from dispatch to combined results, MoE-layer exchanges) since start."""
+        return (self.router.exchange_seconds, self.router.exchanges) if self.router else (0.0, 0)
+
+    def take_metrics(self) -> dict:
+        """What this actor counted since the last call, for the engine's metrics: expert_tokens [MoE layers, E]
+        (rows routed to each expert) and all_to_all_seconds (per step with sequences)."""
+        seconds, self.all_to_all_seconds = self.all_to_all_seconds, []
+        return {"expert_tokens": self.expert_load.take(), "all_to_all_seconds": seconds}
+
+    def step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
+        """The step's outputs, one per sequence; with batch.num_steps > 1 one such list per decode step."""
+        if not batch.seqs:
+            if self.router is not None:
+                for _ in range(batch.num_steps):
+                    self.router.idle_step(batch.moe_capacity)  # every rank joins every collective
+            return [] if batch.num_steps == 1 else [[] for _ in range(batch.num_steps)]
+        run = self.runner.step if batch.num_steps == 1 else self.runner.multi_step
+        if self.router is None:
+            return run(batch)
+        before = self.router.exchange_seconds
+        outputs = run(batch)
+        if len(self.all_to_all_seconds) < 100_000:  # bounded when nobody takes them
+            self.all_to_all_seconds.append(self.router.exchange_seconds - before)
+        return outputs

@@ -1,0 +1,53 @@
+"""ExpertShardActor: a Ray actor holding experts [e0, e1) of every MoE layer, read straight from the safetensors
+slices it owns. Each step it serves every MoE layer's dispatch/compute/combine in layer order."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from llama4serve.actors.attention_actor import DTYPES
+from llama4serve.actors.model.checkpoint import CheckpointReader
+from llama4serve.actors.model.config import load_model_config
+from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.parallel.process_group import join
+from llama4serve.actors.parallel.router import ExpertLayout, serve_moe_layer
+
+
+class ExpertShardActor:
+    def __init__(self, model_dir: str, dtype: str, bounds: list[tuple[int, int]], shard: int, torch_threads: int | None = None):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.cfg = load_model_config(model_dir)
+        self.dtype = DTYPES[dtype]
+        self.bounds = bounds
+        self.shard = shard
+        reader = CheckpointReader(model_dir)
+        e0, e1 = bounds[shard]
+        self.experts = LocalExperts(self.cfg, reader, e0, e1, self.dtype)
+        self.bytes_read = reader.bytes_read
+        reader.close()
+        self.layout: ExpertLayout | None = None
+        self.rows_served = 0
+
+    def ready(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "bytes_read": self.bytes_read,
+                "experts": self.bounds[self.shard]}
+
+    def join_group(self, master: tuple[str, int], rank: int, world_size: int, first_expert_rank: int, timeout_s: float) -> str:
+        backend = join(master, rank, world_size, timeout_s)
+        self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size)
+        return backend
+
+    def run_step(self, capacity: int, num_steps: int = 1) -> int:
+        """Serves one engine step (num_steps decode steps with multi-step scheduling): every MoE layer once per
+        step, in order. Returns rows served."""
+        rows = 0
+        for _ in range(num_steps):
+            for layer in self.cfg.moe_layers:
+                rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity)
+        self.rows_served += rows
+        return rows

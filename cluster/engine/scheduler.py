@@ -1,0 +1,203 @@
+"""Continuous-batching scheduler (plain Python, no torch): which sequences run this step, with how many tokens.
+
+Each step: running sequences first (decode one token, or the next piece of a prompt), then new sequences from
+the waiting queue while the token budget, `max_num_seqs` and both KV pools allow. When blocks run out, the
+newest running sequence is preempted (its blocks freed; it is recomputed later from its tokens).
+
+Image prompts: the step at position 0 carries the pixel values (an ObjectRef) so the actor encodes them once per
+(re)prefill; sequences that end or are preempted while the actor may hold their features are listed in
+`take_released()` for the next step of that actor.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import deque
+from dataclasses import dataclass, field
+
+from llama4serve.actors.step_io import SamplingSpec, SeqStep
+from llama4serve.cluster.engine.block_manager import BlockManager
+from llama4serve.cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class SeqImages:
+    """A prompt's images as the scheduler sees them: opaque pixels (an ObjectRef) and where their rows go."""
+
+    pixels: object
+    patch_positions: list[int]  # prompt positions of the <|patch|> tokens, ascending; one feature row each
+    sent: bool = False  # the actor may hold this sequence's features
+
+    @property
+    def end(self) -> int:
+        """First position after the last image row: prefill past it needs no features."""
+        return self.patch_positions[-1] + 1
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose k/v are in the cache
+    prompt_logprobs: list[float | None] = field(default_factory=lambda: [None])
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=lambda: [None])
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    images: SeqImages | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def sampling_spec(self) -> SamplingSpec:
+        p = self.params
+        return SamplingSpec(p.temperature, p.top_p, p.top_k, self.seed, p.logprobs, p.presence_penalty,
+                            p.frequency_penalty, p.repetition_penalty)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.released: list[int] = []  # image sequences whose cached features the actor must drop
+
+    def take_released(self) -> list[int]:
+        released, self.released = self.released, []
+        return released
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.images is not None and seq.images.sent:
+            self.released.append(seq.seq_id)
+            seq.images.sent = False
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        for seq in list(self.running) + list(self.waiting):
+            if seq.seq_id == seq_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.blocks.free(seq.seq_id)
+        self._release(seq)
+        if seq.images is not None:
+            seq.images.pixels = None  # lets Ray free the pixels
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        self._release(seq)  # the KV is dropped: features are recomputed with the prefill
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.prompt_logprobs = [None]  # recollected, identical, during recompute
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _step_for(self, seq: Sequence, n: int) -> SeqStep:
+        start, end = seq.num_computed, seq.num_computed + n
+        full, read, write = self.blocks.append(seq.seq_id, start, end)
+        targets: list[int] = []
+        if seq.params.prompt_logprobs:
+            # next-token targets for positions [start, end) that lie inside the prompt
+            targets = seq.prompt_ids[start + 1 : min(end, len(seq.prompt_ids) - 1) + 1]
+        samples = end == seq.num_tokens
+        penalized = samples and seq.params.has_penalties
+        pixels, image_offset = None, 0
+        if seq.images is not None and start < seq.images.end:
+            image_offset = bisect_left(seq.images.patch_positions, start)
+            if start == 0:
+                pixels, seq.images.sent = seq.images.pixels, True
+        return SeqStep(
+            seq_id=seq.seq_id,
+            token_ids=seq.all_ids[start:end],
+            start_pos=start,
+            full_blocks=full,
+            chunk_read_blocks=read,
+            chunk_write_blocks=write,
+            sampling=seq.sampling_spec() if samples else None,
+            num_generated=len(seq.output_ids),
+            logprob_targets=targets,
+            num_prompt_top=seq.params.num_prompt_logprobs or 0,
+            penalty_prompt_ids=seq.prompt_ids if penalized and seq.params.repetition_penalty != 1 else [],
+            penalty_output_ids=seq.output_ids if penalized else [],
+            image_pixels=pixels,
+            image_offset=image_offset,
+        )
+
+    def decode_steps_limit(self, scheduled: list[tuple[Sequence, SeqStep]], max_steps: int, max_model_len: int) -> int:
+        """How many decode steps the scheduled batch may run in one actor call (multi-step scheduling), >= 1.
+
+        More than one only when nobody waits for admission and every scheduled sequence decodes one token
+        without penalties (the actor feeds each sampled token back itself); the steps stay within every
+        sequence's max_tokens, max_model_len and current attention chunk, and the free blocks cover them all.
+        """
+        if max_steps <= 1 or self.waiting:
+            return 1
+        k = max_steps
+        for seq, step in scheduled:
+            if len(step.token_ids) != 1 or step.sampling is None or seq.params.has_penalties:
+                return 1
+            k = min(k, seq.params.max_tokens - len(seq.output_ids), max_model_len - step.end_pos,
+                    self.blocks.steps_left_in_chunk(step.start_pos))
+        k = max(k, 1)
+        return k if not scheduled or self.blocks.can_extend([step.start_pos for _, step in scheduled],
+                                           [seq.seq_id for seq, _ in scheduled], k) else 1
+
+    def extend_decode(self, scheduled: list[tuple[Sequence, SeqStep]], num_steps: int) -> None:
+        """Grows the block tables of the scheduled decode steps to cover `num_steps` positions each."""
+        for seq, step in scheduled:
+            if num_steps > 1:
+                step.full_blocks, _, step.chunk_write_blocks = self.blocks.append(
+                    seq.seq_id, step.end_pos, step.start_pos + num_steps
+                )
+
+    def schedule(self) -> list[tuple[Sequence, SeqStep]]:
+        """The work of the next step; empty when nothing can run."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, SeqStep]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_append(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq in self.running:
+                scheduled.append((seq, self._step_for(seq, n)))
+                budget -= n
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens, budget)
+            if not self.blocks.can_append(seq.seq_id, n):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, self._step_for(seq, n)))
+            budget -= n
+        return scheduled

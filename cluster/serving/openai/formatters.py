@@ -1,0 +1,312 @@
+"""Response bodies of the OpenAI-compatible API, built from engine `RequestOutput` deltas.
+
+Shapes are those the `openai` package parses: `Completion` / `ChatCompletion` and, when streaming, completion
+chunks and `chat.completion.chunk`s (a role delta first, `finish_reason` on the last chunk of a choice, a usage
+chunk with no choices when `stream_options.include_usage`). Choice `i` of prompt `p` has index `p * n + i`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from llama4serve.cluster.serving.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from llama4serve.cluster.outputs import RequestOutput
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable character a byte-level BPE vocabulary uses per byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def finite(logprob: float | None) -> float | None:
+    """JSON has no -inf: such log-probabilities are sent as -9999.0 (vLLM does the same)."""
+    if logprob is None:
+        return None
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+class TokenText:
+    """Per-token strings for logprobs: the exact bytes of a token, its display string and what it adds to the text.
+
+    A token that is not whole UTF-8 (half of a multi-byte character) is shown as `bytes:\\xe4\\xbd` (OpenAI's
+    convention); special tokens show their name but add nothing to the text (the engine skips them). Without a
+    tokenizer tokens show as `token_id:123`.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._backend = getattr(tokenizer, "_backend", None)  # tokenizers.Tokenizer, for id_to_token
+        self._cache: dict[int, tuple[str, bytes, bytes]] = {}
+
+    def _info(self, token_id: int) -> tuple[str, bytes, bytes]:
+        info = self._cache.get(token_id)
+        if info is not None:
+            return info
+        if self.tokenizer is None:
+            info = (f"token_id:{token_id}", b"", b"")
+        else:
+            piece = self._backend.id_to_token(token_id) if self._backend is not None else None
+            if piece and all(c in _BYTE_DECODER for c in piece):
+                data = bytes(_BYTE_DECODER[c] for c in piece)
+            else:
+                data = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+            special = bool(data) and self.tokenizer.decode([token_id], skip_special_tokens=True) == ""
+            try:
+                shown = data.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+            info = (shown, data, b"" if special else data)
+        self._cache[token_id] = info
+        return info
+
+    def token(self, token_id: int) -> str:
+        return self._info(token_id)[0]
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        return list(self._info(token_id)[1])
+
+    def text_bytes(self, token_id: int) -> bytes:
+        return self._info(token_id)[2]
+
+
+class TextOffsets:
+    """`text_offset` of successive tokens: the character index where each token's text starts.
+
+    Counts UTF-8 lead bytes, so a token that continues a character started by the previous token points at
+    that character.
+    """
+
+    def __init__(self, start: int = 0):
+        self.chars = start  # characters started so far
+        self.pending = 0  # continuation bytes still expected
+
+    def take(self, data: bytes) -> int:
+        offset = self.chars - (1 if self.pending else 0)
+        for b in data:
+            if b & 0xC0 == 0x80:
+                self.pending = max(self.pending - 1, 0)
+            else:
+                self.chars += 1
+                self.pending = 3 if b >= 0xF0 else 2 if b >= 0xE0 else 1 if b >= 0xC0 else 0
+        return offset
+
+
+def completion_logprobs(tt: TokenText, offsets: TextOffsets, ids: list[int], logprobs: list[float | None],
+                        top: list[list[tuple[int, float]] | None] | None) -> dict:
+    """The /v1/completions `logprobs` object of some tokens (top: alternatives per token, or None). A
+    `top_logprobs` entry lists the token itself, then its alternatives; None for the first prompt token."""
+    tokens = [tt.token(i) for i in ids]
+    top_dicts = []
+    for k, lp in enumerate(logprobs):
+        if lp is None:
+            top_dicts.append(None)
+            continue
+        entry = {tokens[k]: finite(lp)}
+        for t, v in (top[k] if top else None) or []:
+            entry.setdefault(tt.token(t), finite(v))
+        top_dicts.append(entry)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [finite(lp) for lp in logprobs],
+        "top_logprobs": top_dicts,
+        "text_offset": [offsets.take(tt.text_bytes(i)) for i in ids],
+    }
+
+
+def chat_logprobs(tt: TokenText, ids: list[int], logprobs: list[float],
+                  top: list[list[tuple[int, float]]] | None) -> list[dict]:
+    """The /v1/chat/completions `logprobs.content` entries of some tokens."""
+    def entry(token_id: int, lp: float) -> dict:
+        return {"token": tt.token(token_id), "logprob": finite(lp), "bytes": tt.token_bytes(token_id)}
+
+    return [
+        {**entry(i, lp), "top_logprobs": [entry(t, v) for t, v in (top[k] if top else [])]}
+        for k, (i, lp) in enumerate(zip(ids, logprobs))
+    ]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@dataclass
+class _Choice:
+    """One choice as it accumulates (non-streaming) or streams."""
+
+    prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    started: bool = False
+    finish_reason: str | None = None
+    offsets: TextOffsets = field(default_factory=TextOffsets)
+    texts: list[str] = field(default_factory=list)
+    logprobs: dict | list | None = None  # completions: dict of lists; chat: list of entries
+
+
+def _merge_logprobs(acc, new):
+    if new is None:
+        return acc
+    if acc is None:
+        return new
+    if isinstance(acc, list):
+        return acc + new
+    return {key: acc[key] + new[key] for key in acc}
+
+
+def _check_finish(out: RequestOutput) -> None:
+    if out.finished and out.finish_reason == "abort":
+        raise APIError(503, "the engine aborted the request (the model instance is restarting or shutting down); "
+                            "retry", "server_error", code="aborted")
+
+
+class _Formatter:
+    object_name = ""
+    chunk_object_name = ""
+
+    def __init__(self, request_id: str, model: str, tokenizer, n: int):
+        self.id, self.model, self.n = request_id, model, n
+        self.created = int(time.time())
+        self.tt = TokenText(tokenizer)
+        self.tokenizer = tokenizer
+        self.choices: dict[int, _Choice] = {}
+
+    def _piece(self, index: int, out: RequestOutput) -> tuple[str, dict | list | None]:
+        """The text and logprobs an output adds to its choice (subclasses)."""
+        raise NotImplementedError
+
+    def _advance(self, index: int, out: RequestOutput) -> tuple[_Choice, str, dict | list | None]:
+        _check_finish(out)
+        choice = self.choices.setdefault(index, _Choice())
+        text, logprobs = self._piece(index, out)
+        choice.started = True
+        choice.prompt_tokens = out.num_prompt_tokens
+        choice.num_generated_tokens = max(choice.num_generated_tokens, out.num_generated_tokens)
+        if out.finished:
+            choice.finish_reason = out.finish_reason
+        return choice, text, logprobs
+
+    def add(self, index: int, out: RequestOutput) -> None:
+        choice, text, logprobs = self._advance(index, out)
+        choice.texts.append(text)
+        choice.logprobs = _merge_logprobs(choice.logprobs, logprobs)
+
+    def usage(self) -> dict:
+        prompt = sum(c.prompt_tokens for i, c in self.choices.items() if i % self.n == 0)  # once per prompt
+        return usage(prompt, sum(c.num_generated_tokens for c in self.choices.values()))
+
+    def _envelope(self, object_name: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def usage_chunk(self) -> dict:
+        return {**self._envelope(self.chunk_object_name, []), "usage": self.usage()}
+
+    def stream_start(self) -> list[dict]:
+        return []
+
+
+class CompletionFormatter(_Formatter):
+    object_name = chunk_object_name = "text_completion"
+
+    def __init__(self, request_id: str, model: str, tokenizer, prompts: list, body: CompletionRequest):
+        super().__init__(request_id, model, tokenizer, body.n)
+        self.prompts, self.echo, self.want_logprobs = prompts, body.echo, body.logprobs is not None
+
+    def _prompt_text(self, index: int) -> str:
+        prompt = self.prompts[index // self.n]
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
+
+    def _piece(self, index: int, out: RequestOutput) -> tuple[str, dict | None]:
+        choice = self.choices[index]
+        echo_now = self.echo and not choice.started
+        text = (self._prompt_text(index) if echo_now else "") + out.text
+        if not self.want_logprobs:
+            return text, None
+        logprobs = None
+        if echo_now:
+            ids = out.prompt_token_ids
+            values = out.prompt_logprobs or [None] * len(ids)
+            logprobs = completion_logprobs(self.tt, choice.offsets, ids, values, out.prompt_top_logprobs)
+        generated = completion_logprobs(self.tt, choice.offsets, out.token_ids,
+                                        out.logprobs or [None] * len(out.token_ids), out.top_logprobs)
+        return text, _merge_logprobs(logprobs, generated)
+
+    def stream_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        _, text, logprobs = self._advance(index, out)
+        if not text and not out.token_ids and not out.finished and logprobs is None:
+            return []
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": out.finish_reason if out.finished else None}
+        return [self._envelope(self.chunk_object_name, [choice])]
+
+    def response(self) -> dict:
+        choices = [
+            {"index": i, "text": "".join(c.texts), "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for i, c in sorted(self.choices.items())
+        ]
+        return {**self._envelope(self.object_name, choices), "usage": self.usage()}
+
+
+class ChatFormatter(_Formatter):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str, tokenizer, body: ChatCompletionRequest):
+        super().__init__(request_id, model, tokenizer, body.n)
+        self.want_logprobs = body.logprobs
+
+    def _piece(self, index: int, out: RequestOutput) -> tuple[str, list | None]:
+        if not self.want_logprobs:
+            return out.text, None
+        values = out.logprobs or [None] * len(out.token_ids)
+        return out.text, chat_logprobs(self.tt, out.token_ids, values, out.top_logprobs)
+
+    def stream_start(self) -> list[dict]:
+        return [
+            self._envelope(self.chunk_object_name, [
+                {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            ])
+            for i in range(self.n)
+        ]
+
+    def stream_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        _, text, logprobs = self._advance(index, out)
+        if not text and not out.token_ids and not out.finished:
+            return []
+        choice = {
+            "index": index,
+            "delta": {"content": text} if text else {},
+            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+            "finish_reason": out.finish_reason if out.finished else None,
+        }
+        return [self._envelope(self.chunk_object_name, [choice])]
+
+    def response(self) -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(c.texts)},
+                "logprobs": None if c.logprobs is None else {"content": c.logprobs, "refusal": None},
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in sorted(self.choices.items())
+        ]
+        return {**self._envelope(self.object_name, choices), "usage": self.usage()}

@@ -1,0 +1,72 @@
+"""The serving configuration: one pydantic model read from `build_app(args)`, a YAML file or CLI flags.
+
+Flat on purpose, so that a Helm values file, a KubeRay `serveConfigV2` `args:` block and `llama4serve serve`
+flags all spell a field the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import Field, SecretStr
+
+from llama4serve.cluster.config import EngineConfig, EngineOptions
+
+API_KEY_ENV = "LLAMA4SERVE_API_KEY"
+DEFAULT_CACHE_DIR = str(Path.home() / ".cache" / "llama4serve")
+
+
+class ServeConfig(EngineOptions):
+    """A served model: where its checkpoint is, how each instance runs, and the ingress limits."""
+
+    model: str | None = Field(
+        None, description="Checkpoint directory; when unset a random checkpoint of `preset` is made in `cache_dir`."
+    )
+    preset: str = Field("tiny-maverick", description="Preset of the random checkpoint made when `model` is unset.")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where random preset checkpoints are written once.")
+    served_model_name: str | None = Field(
+        None, description="Model name clients send and /v1/models lists; default: the checkpoint directory's name."
+    )
+    num_replicas: int = Field(1, ge=1, le=64, description="Independent model instances (Engine replicas).")
+    api_key: SecretStr | None = Field(
+        None, description=f"Bearer token clients must send; default: the {API_KEY_ENV} environment variable."
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="Requests in flight per ingress replica; beyond it new ones get 429 at once."
+    )
+    max_request_bytes: int = Field(
+        32 << 20, ge=1024,
+        description="Largest accepted HTTP request body (413 beyond); images arrive in it base64-encoded.",
+    )
+    max_n: int = Field(8, ge=1, le=128, description="Largest `n` (completions per request) accepted.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request still running after this is aborted.")
+    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy (CLI only).")
+    grpc_port: int = Field(9000, ge=1, le=65535, description="gRPC port of the Serve proxy (CLI only).")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "ServeConfig":
+        """Fields from a YAML mapping, then `overrides` (e.g. CLI flags that were given) on top."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of ServeConfig fields, got {type(data).__name__}")
+        return cls(**{**data, **overrides})
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value() or None
+        return os.environ.get(API_KEY_ENV) or None
+
+    def model_dir(self) -> str:
+        """The checkpoint directory, making the preset's random checkpoint first when `model` is unset."""
+        from llama4serve.cluster.cli.generate_cmd import resolve_model
+
+        return str(resolve_model(Path(self.model) if self.model else None, self.preset, Path(self.cache_dir)))
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir()).name
+
+    def engine_config(self) -> EngineConfig:
+        options = self.model_dump(include=set(EngineOptions.model_fields))
+        return EngineConfig(model=self.model_dir(), **options)
