@@ -17,6 +17,12 @@ class EngineOptions(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and activation dtype; 'auto' takes the checkpoint's torch_dtype."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where each actor computes: 'cuda' on the GPU Ray gave it (fails at once naming CUDA when there "
+        "is none), 'cpu', or 'auto' (cuda when Ray assigned the actor GPUs, else cpu). With dtype 'auto', a GPU "
+        "runs bfloat16.",
+    )
     block_size: int | None = Field(
         None, ge=1, le=1024,
         description="Tokens per KV block; must divide attention_chunk_size. Default: the largest of 16, 8, 4, 2, 1 "
@@ -69,3 +75,8 @@ class EngineConfig(EngineOptions):
     """One model instance: its checkpoint plus the options it runs with."""
 
     model: str = Field(description="Directory of a Llama 4 checkpoint in the Hugging Face layout.")
+
+
+def resolve_max_model_len(options: EngineOptions, max_position_embeddings: int) -> int:
+    """The longest prompt + output one instance accepts: max_model_len, else what the model and cache allow."""
+    return options.max_model_len or min(max_position_embeddings, options.kv_cache_tokens)

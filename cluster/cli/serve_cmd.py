@@ -68,9 +68,11 @@ def main_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from llama4serve.cluster.serving.app import with_checkpoint
     from llama4serve.cluster.serving.grpc.bind import host_port
 
-    config = config_from_args(args)
+    # The default checkpoint (a random one of --preset) is made here, before anything is deployed.
+    config = with_checkpoint(config_from_args(args))
     local = args.address is None
     if local:
         # Logical CPUs for every data-plane actor of every replica (they mostly wait on each other).

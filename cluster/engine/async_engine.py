@@ -16,33 +16,31 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from llama4serve.cluster.config import EngineConfig
-from llama4serve.cluster.engine.core import DataPlaneError, EngineCore
+from llama4serve.cluster.engine.core import EngineCore
 from llama4serve.cluster.engine.metrics import EngineMetrics
-from llama4serve.cluster.outputs import RequestOutput
+from llama4serve.cluster.engine.output_processor import OutputProcessor, RequestState
+from llama4serve.cluster.errors import DataPlaneError
+from llama4serve.cluster.inputs import Prompt
 from llama4serve.cluster.inputs.prompts import has_images
+from llama4serve.cluster.outputs import RequestOutput
 from llama4serve.cluster.sampling_params import SamplingParams
-from llama4serve.cluster.engine.scheduler import Sequence
-from llama4serve.cluster.inputs.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
-
-Prompt = str | list[int] | list[dict] | dict  # see cluster/inputs/prompts.py (images: dict prompts, chat image parts)
 
 
 @dataclass
 class _Stream:
-    """A request's view of its sequence: what has been handed to the caller so far."""
+    """A request being streamed: its text state and when its caller should look again."""
 
-    seq: Sequence
-    request_id: str
-    detokenizer: IncrementalDetokenizer | None
-    hold_chars: int  # text kept back while it could still be the start of a stop string
+    state: RequestState
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    num_emitted_ids: int = 0
-    num_emitted_chars: int = 0
-    sent_first: bool = False
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float = 0.0
+    started: bool = False  # the first update has been handed out
+
+    @property
+    def seq(self):
+        return self.state.seq
 
 
 class AsyncEngine:
@@ -52,7 +50,9 @@ class AsyncEngine:
         self.core = EngineCore(config)
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
+        self.output = OutputProcessor(self.tokenizer)
         self._streams: dict[str, _Stream] = {}
+        self._by_seq: dict[int, _Stream] = {}
         self._work: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.metrics = EngineMetrics()
@@ -78,9 +78,8 @@ class AsyncEngine:
         except ValueError:
             self.metrics.finished("rejected")
             raise
-        detok = self.tokenizer.detokenizer() if self.tokenizer else None
-        stream = _Stream(seq, request_id, detok, max((len(s) for s in params.stop), default=1) - 1)
-        self._streams[request_id] = stream
+        stream = _Stream(self.output.add(seq, request_id))
+        self._streams[request_id] = self._by_seq[seq.seq_id] = stream
         self._ensure_loop()
         status = "abort"  # how the request ends when it does not finish
         try:
@@ -88,8 +87,9 @@ class AsyncEngine:
                 await stream.wake.wait()
                 stream.wake.clear()
                 self.core.check_alive()
-                out = self._delta(stream)
+                out = self.output.delta(stream.state)
                 if out is not None:
+                    self._record(stream, out)
                     yield out
                 if out is not None and out.finished:
                     return
@@ -98,6 +98,7 @@ class AsyncEngine:
             raise
         finally:
             self._streams.pop(request_id, None)
+            self._by_seq.pop(seq.seq_id, None)
             if seq.finish_reason is None:
                 self.core.abort(seq)
                 self.metrics.finished(status)
@@ -108,53 +109,16 @@ class AsyncEngine:
             self.core.abort(stream.seq)
             stream.wake.set()
 
-    def _delta(self, stream: _Stream) -> RequestOutput | None:
-        """What is new for the caller since the last update; None when nothing is."""
-        seq = stream.seq
-        finished = seq.finish_reason is not None
-        new_ids = seq.output_ids[stream.num_emitted_ids:]
-        if not new_ids and not finished:
-            return None  # prompt logprobs arrive with the first token (prefill and sampling share a step)
-        if finished and stream.detokenizer is not None:
-            stream.detokenizer.add(new_ids)
-            stream.detokenizer.flush()
-            text = self.core.completion(seq).text  # the final text, cut before any stop string
-        elif stream.detokenizer is not None:
-            stream.detokenizer.add(new_ids)
-            text = stream.detokenizer.text
-            text = text[: max(stream.num_emitted_chars, len(text) - stream.hold_chars)]
-        else:
-            text = ""
-        first, start = not stream.sent_first, stream.num_emitted_ids
-        end = start + len(new_ids)
-        want_logprobs = seq.params.logprobs is not None
-        out = RequestOutput(
-            request_id=stream.request_id,
-            prompt_token_ids=seq.prompt_ids,
-            token_ids=new_ids,
-            text=text[stream.num_emitted_chars:],
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            logprobs=seq.logprobs[start:end] if want_logprobs else None,
-            top_logprobs=seq.top_logprobs[start:end] if want_logprobs and seq.params.logprobs else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs else None,
-            num_generated_tokens=end,
-            prompt_top_logprobs=list(seq.prompt_top_logprobs) if first and seq.params.num_prompt_logprobs else None,
-        )
-        stream.num_emitted_ids, stream.num_emitted_chars = end, len(text)
-        stream.sent_first = True
-        self._record(stream, first, len(new_ids), finished)
-        return out
-
-    def _record(self, stream: _Stream, first: bool, num_new: int, finished: bool) -> None:
-        now = time.monotonic()
+    def _record(self, stream: _Stream, out: RequestOutput) -> None:
+        now, first = time.monotonic(), not stream.started
+        stream.started = True
         if first:
-            self.metrics.first_token(stream.arrival, now, len(stream.seq.prompt_ids))
-        if num_new:
-            self.metrics.generated(num_new, None if first else now - stream.last_token_time)
+            self.metrics.first_token(stream.arrival, now, len(out.prompt_token_ids))
+        if out.token_ids:
+            self.metrics.generated(len(out.token_ids), None if first else now - stream.last_token_time)
             stream.last_token_time = now
-        if finished:
-            self.metrics.finished(stream.seq.finish_reason)
+        if out.finished:
+            self.metrics.finished(out.finish_reason)
 
     # ---------------------------------------------------------------- the loop
     def _ensure_loop(self) -> None:
@@ -173,7 +137,7 @@ class AsyncEngine:
                 await work.wait()
                 continue
             try:
-                await self.core.step_async()
+                self._process(await self.core.step_async())
             except DataPlaneError:
                 logger.exception("model instance failed; failing its %d requests", len(self._streams))
             except Exception as err:  # a bug must not leave callers waiting forever
@@ -184,6 +148,16 @@ class AsyncEngine:
             if self.metrics.due():
                 await self._flush_metrics()
             await asyncio.sleep(0)  # let streams and new requests run between steps
+
+    def _process(self, updated: list) -> None:
+        """Detokenizes what the step produced (the output processor also ends requests at stop strings)."""
+        for seq in updated:
+            stream = self._by_seq.get(seq.seq_id)
+            if stream is None:
+                continue
+            keep = self.output.update(stream.state)
+            if keep is not None:
+                self.core.abort(seq, "stop", keep)
 
     async def _flush_metrics(self) -> None:
         """Exports the gauges and token counts, and collects the attention actors' counts (between steps)."""

@@ -45,6 +45,14 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def blocks_for_length(length: int, block_size: int, chunk_size: int | None, uses_full: bool,
+                      uses_chunk: bool) -> tuple[int, int]:
+    """(full, chunk) blocks a sequence of `length` tokens holds at most in the two pools (admission bound)."""
+    full = _ceil_div(length, block_size) if uses_full else 0
+    chunk = _ceil_div(min(length, chunk_size), block_size) + 1 if uses_chunk and chunk_size is not None else 0
+    return full, chunk
+
+
 def default_block_size(chunk_size: int | None) -> int:
     """The largest of 16, 8, 4, 2, 1 that divides `chunk_size` (16 when no layer is chunked)."""
     return next(bs for bs in (16, 8, 4, 2, 1) if chunk_size is None or chunk_size % bs == 0)
@@ -103,9 +111,7 @@ class BlockManager:
 
     def blocks_for_length(self, length: int) -> tuple[int, int]:
         """(full, chunk) blocks a sequence of `length` tokens holds at most (admission bound)."""
-        full = _ceil_div(length, self.block_size) if self.uses_full else 0
-        chunk = _ceil_div(min(length, self.chunk_size), self.block_size) + 1 if self.uses_chunk else 0
-        return full, chunk
+        return blocks_for_length(length, self.block_size, self.chunk_size, self.uses_full, self.uses_chunk)
 
     def append(self, seq_id: int, start: int, end: int) -> tuple[list[int], list[int], list[int]]:
         """Allocates for a step over positions [start, end). Returns (full, chunk_read, chunk_write) tables."""

@@ -1,32 +1,28 @@
-"""Placement of one model instance: a placement group with a bundle per data-plane actor, and the actors
-themselves, named by role (`attention-0`, `expert-2`) so the Ray dashboard shows them."""
+"""The data plane of one model instance, as the engine sees it: Ray start-up, the placement group (a bundle per
+actor), the attention and expert actors (named by role, `attention-0`, `expert-2`, so the Ray dashboard shows
+them), their process group, and every wait on them under one deadline. A dead actor or a step that outlives
+the deadline raises `DataPlaneError`, never hangs.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
-
+import time
+import uuid
 from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from llama4serve.actors.attention_actor import AttentionActor
+from llama4serve.actors.expert_actor import ExpertShardActor
+from llama4serve.actors.model.experts import expert_split
+from llama4serve.actors.step_io import StepBatch
 from llama4serve.cluster.config import EngineConfig
-
-
-@dataclass
-class Placement:
-    group: PlacementGroup
-    attention_bundles: list[int]
-    expert_bundles: list[int]
-    num_gpus: float  # per actor
-
-    def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
-
-    def remove(self) -> None:
-        remove_placement_group(self.group)
+from llama4serve.cluster.errors import DataPlaneError
 
 
 class _LocalRay:
@@ -88,29 +84,137 @@ def check_fits(bundles: list[dict[str, float]], total: dict[str, float], shared_
         )
 
 
-def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
-    bundle = {"CPU": cpus, **extra}
-    if gpus:
-        bundle["GPU"] = gpus
-    return bundle
+@dataclass
+class Placement:
+    group: PlacementGroup
+    num_gpus: float  # per actor
+
+    def strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.group, placement_group_bundle_index=bundle)
 
 
-def place(config: EngineConfig, timeout_s: float) -> Placement:
-    """Reserves the bundles (blocks until Ray can place them, up to `timeout_s`)."""
+def place(config: EngineConfig) -> Placement:
+    """Reserves a bundle per actor, attention actors first (waits up to `placement_timeout_s` for Ray)."""
     gpus = config.num_gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    bundles = [_bundle(config.num_cpus_per_actor, gpus, config.attention_resources)] * config.attention_actors
-    bundles += [_bundle(config.num_cpus_per_actor, gpus, config.expert_resources)] * config.expert_actors
+
+    def bundle(extra: dict[str, float]) -> dict[str, float]:
+        return {"CPU": config.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **extra}
+
+    bundles = [bundle(config.attention_resources)] * config.attention_actors
+    bundles += [bundle(config.expert_resources)] * config.expert_actors
     check_fits(bundles, ray.cluster_resources(), _LocalRay.started and _LocalRay.users > 1)
     group = placement_group(bundles, strategy=config.placement_strategy)
+    timeout = config.placement_timeout_s
     try:
-        ray.get(group.ready(), timeout=timeout_s)
+        ray.get(group.ready(), timeout=timeout)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RuntimeError(
             f"Ray could not place {len(bundles)} actors ({bundles[0]} each, strategy {config.placement_strategy}) "
-            f"within {timeout_s:.0f} s; cluster resources: {ray.cluster_resources()}"
+            f"within {timeout:.0f} s; cluster resources: {ray.cluster_resources()}"
         ) from None
-    a = config.attention_actors
-    return Placement(group, list(range(a)), list(range(a, len(bundles))), gpus)
+    return Placement(group, gpus)
+
+
+class DataPlane:
+    """The actors of one model instance: `attention[i]` serve data-parallel slices of the requests; `experts`
+    hold the routed experts when `expert_actors > 0` (every rank then joins every step's collectives)."""
+
+    def __init__(self, config: EngineConfig, dtype: str, block_size: int, num_full: int, num_chunk: int,
+                 num_experts: int):
+        self.config = config
+        self.attention: list = []
+        self.experts: list = []
+        self.placement: Placement | None = None
+        self.backend: str | None = None
+        self._uses_local_ray = start_ray(config)
+        try:
+            self._start(dtype, block_size, num_full, num_chunk, num_experts)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, dtype: str, block_size: int, num_full: int, num_chunk: int, num_experts: int) -> None:
+        config = self.config
+        a, e = config.attention_actors, config.expert_actors
+        bounds = expert_split(num_experts, e) if e else None
+        self.placement = placement = place(config)
+        namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
+        # Attention and expert phases alternate within a step, so each role gets the cores to itself.
+        cores = os.cpu_count() or 1
+        attention_threads = config.torch_threads or max(1, cores // a)
+        expert_threads = config.torch_threads or max(1, cores // max(e, 1))
+
+        def options(cls, name: str, bundle: int):
+            return ray.remote(cls).options(
+                name=name, namespace=namespace, num_cpus=config.num_cpus_per_actor, num_gpus=placement.num_gpus,
+                max_concurrency=1, scheduling_strategy=placement.strategy(bundle),
+            )
+
+        for i in range(a):
+            self.attention.append(options(AttentionActor, f"attention-{i}", i).remote(
+                config.model, dtype, num_full, num_chunk, block_size, attention_threads, bounds, a))
+        for j in range(e):
+            self.experts.append(options(ExpertShardActor, f"expert-{j}", a + j).remote(
+                config.model, dtype, bounds, j, expert_threads))
+        names = self.names()
+        self.actor_info = dict(zip(names, self.gather([x.ready.remote() for x in self.attention + self.experts])))
+        if e:
+            timeout = config.collective_timeout_s
+            master = ray.get(self.attention[0].master_address.remote(), timeout=timeout)
+            joins = [x.join_group.remote(master, i, a + e, timeout) for i, x in enumerate(self.attention)]
+            joins += [x.join_group.remote(master, a + j, a + e, a, timeout) for j, x in enumerate(self.experts)]
+            self.backend = self.gather(joins)[0]
+
+    def names(self) -> list[str]:
+        return ([f"attention-{i}" for i in range(len(self.attention))]
+                + [f"expert-{j}" for j in range(len(self.experts))])
+
+    def launch(self, batches: dict[int, StepBatch], capacity: int, num_steps: int) -> list:
+        """Starts one step: `batches` by attention actor; with expert actors every rank takes part."""
+        refs = [self.attention[i].step.remote(batch) for i, batch in batches.items()]
+        return refs + [x.run_step.remote(capacity, num_steps) for x in self.experts]
+
+    @property
+    def deadline_s(self) -> float:
+        return self.config.collective_timeout_s + 30.0  # the actors' own collectives time out first
+
+    def _late(self) -> DataPlaneError:
+        return DataPlaneError(
+            f"a data-plane call did not finish within {self.deadline_s:.0f} s (collective_timeout_s + 30)")
+
+    def gather(self, refs: list) -> list:
+        """ray.get under the deadline, failing at the first error instead of waiting for the rest."""
+        pending, deadline = list(refs), time.monotonic() + self.deadline_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise self._late()
+            try:
+                ray.get(ready[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                raise DataPlaneError(f"data-plane actor failed: {err}") from err
+        return ray.get(refs)
+
+    async def gather_async(self, refs: list) -> list:
+        """`gather` for asyncio: the same deadline, failing at the first error."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*refs), timeout=self.deadline_s)
+        except asyncio.TimeoutError:
+            raise self._late() from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            raise DataPlaneError(f"data-plane actor failed: {err}") from err
+
+    def shutdown(self) -> None:
+        """Kills the actors and releases their placement group (idempotent)."""
+        for actor in self.attention + self.experts:
+            ray.kill(actor)
+        self.experts = []
+        if self.placement is not None:
+            remove_placement_group(self.placement.group)
+            self.placement = None
+        if self._uses_local_ray:
+            self._uses_local_ray = False
+            release_ray()

@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from llama4serve.cluster.config import EngineConfig
 from llama4serve.cluster.engine.core import EngineCore
+from llama4serve.cluster.engine.output_processor import OutputProcessor, RequestState
+from llama4serve.cluster.inputs import Prompt
+from llama4serve.cluster.inputs.prompts import PromptInputs
 from llama4serve.cluster.outputs import Completion
 from llama4serve.cluster.sampling_params import SamplingParams
-
-Prompt = str | list[int] | dict
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
@@ -35,6 +36,7 @@ class LLM:
 
     Offline generation has nobody reading tokens as they come, so `num_scheduler_steps` defaults to 8 here
     (the engine still runs one step per call while any request waits for admission); servers keep 1.
+    `generate` drives the engine to the end; `add_request` / `step` / `completion` drive it one step at a time.
     """
 
     def __init__(self, model: str, attention_actors: int = 1, expert_actors: int = 0, dtype: str = "auto",
@@ -44,10 +46,40 @@ class LLM:
             num_scheduler_steps=num_scheduler_steps, **kwargs
         )
         self.engine = EngineCore(config)
+        self.output = OutputProcessor(self.engine.tokenizer)
+        self._states: dict[int, RequestState] = {}
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def add_request(self, prompt: Prompt | PromptInputs, params: SamplingParams) -> RequestState:
+        inputs = prompt if isinstance(prompt, PromptInputs) else self.engine.prepare(prompt)
+        seq = self.engine.add_request(inputs, params)
+        self._states[seq.seq_id] = state = self.output.add(seq, str(seq.seq_id))
+        return state
+
+    def has_work(self) -> bool:
+        return self.engine.has_work()
+
+    def step(self) -> list[RequestState]:
+        """Runs one engine step; returns the requests that finished in it."""
+        finished = []
+        for seq in self.engine.step():
+            state = self._states[seq.seq_id]
+            keep = self.output.update(state)
+            if keep is not None:  # a stop string ended it
+                self.engine.abort(seq, "stop", keep)
+            if seq.finish_reason is not None:
+                finished.append(self._states.pop(seq.seq_id))
+        return finished
+
+    def completion(self, state: RequestState) -> Completion:
+        return self.output.completion(state)
+
+    def abort(self, state: RequestState) -> None:
+        self.engine.abort(state.seq)
+        self._states.pop(state.seq.seq_id, None)
 
     def generate(
         self,
@@ -67,19 +99,19 @@ class LLM:
                 raise ValueError(f"params has {len(params_list)} entries; prompts has {len(prompt_list)}")
         inputs = [self.engine.prepare(p) for p in prompt_list]
         for x, p in zip(inputs, params_list):
-            self.engine.validate(x.token_ids, p)
-        seqs = [self.engine.add_request(x, p) for x, p in zip(inputs, params_list)]
-        bar = tqdm(total=len(seqs), desc="generate", disable=not use_tqdm)
+            self.engine.spec.validate(x.token_ids, p)
+        states = [self.add_request(x, p) for x, p in zip(inputs, params_list)]
+        bar = tqdm(total=len(states), desc="generate", disable=not use_tqdm)
         try:
-            while self.engine.has_work():
-                bar.update(len(self.engine.step()))
+            while self.has_work():
+                bar.update(len(self.step()))
         except BaseException:
-            for seq in seqs:
-                self.engine.abort(seq)
+            for state in states:
+                self.abort(state)
             raise
         finally:
             bar.close()
-        return [self.engine.completion(seq) for seq in seqs]
+        return [self.completion(state) for state in states]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

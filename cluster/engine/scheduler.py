@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
-from llama4serve.actors.step_io import SamplingSpec, SeqStep
+from llama4serve.actors.step_io import SamplingSpec, SeqOutput, SeqStep
 from llama4serve.cluster.engine.block_manager import BlockManager
 from llama4serve.cluster.sampling_params import SamplingParams
 
@@ -65,8 +65,11 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 eos_ids: frozenset[int] = frozenset(), max_model_len: int = 2**31):
         self.blocks = blocks
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -95,7 +98,12 @@ class Scheduler:
                 return seq
         return None
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: str, num_output_tokens: int | None = None) -> None:
+        """Ends a sequence and frees its blocks; `num_output_tokens` keeps only that many generated tokens
+        (a stop string ended it there)."""
+        if num_output_tokens is not None:
+            del seq.output_ids[num_output_tokens:], seq.logprobs[num_output_tokens:]
+            del seq.top_logprobs[num_output_tokens:]
         seq.finish_reason = reason
         self.blocks.free(seq.seq_id)
         self._release(seq)
@@ -146,7 +154,7 @@ class Scheduler:
             image_offset=image_offset,
         )
 
-    def decode_steps_limit(self, scheduled: list[tuple[Sequence, SeqStep]], max_steps: int, max_model_len: int) -> int:
+    def decode_steps_limit(self, scheduled: list[tuple[Sequence, SeqStep]], max_steps: int) -> int:
         """How many decode steps the scheduled batch may run in one actor call (multi-step scheduling), >= 1.
 
         More than one only when nobody waits for admission and every scheduled sequence decodes one token
@@ -159,7 +167,7 @@ class Scheduler:
         for seq, step in scheduled:
             if len(step.token_ids) != 1 or step.sampling is None or seq.params.has_penalties:
                 return 1
-            k = min(k, seq.params.max_tokens - len(seq.output_ids), max_model_len - step.end_pos,
+            k = min(k, seq.params.max_tokens - len(seq.output_ids), self.max_model_len - step.end_pos,
                     self.blocks.steps_left_in_chunk(step.start_pos))
         k = max(k, 1)
         return k if not scheduled or self.blocks.can_extend([step.start_pos for _, step in scheduled],
@@ -201,3 +209,40 @@ class Scheduler:
             scheduled.append((seq, self._step_for(seq, n)))
             budget -= n
         return scheduled
+
+    # ---------------------------------------------------------------- after a step
+    def postprocess(self, scheduled: list[tuple[Sequence, SeqStep]], result: list, num_steps: int) -> list[Sequence]:
+        """Records a finished step's outputs (every decode step's, in order, after a multi-step call) and applies
+        the token-level stop conditions (stop tokens, EOS, max_tokens, max_model_len); stop strings are the
+        output processor's. Returns the sequences that gained a token or finished. Tokens a sequence sampled
+        after finishing are dropped."""
+        updated: dict[int, Sequence] = {}
+        for j, outputs in enumerate([result] if num_steps == 1 else result):
+            for (seq, step), out in zip(scheduled, outputs):
+                if seq.finish_reason is not None:  # aborted while the step ran, or finished at an earlier step
+                    continue
+                seq.num_computed = step.end_pos + j
+                self.blocks.finish_step(seq.seq_id)
+                if out.prompt_logprobs:  # prompt positions start_pos + 1.., each written once (recompute too)
+                    del seq.prompt_logprobs[step.start_pos + 1:], seq.prompt_top_logprobs[step.start_pos + 1:]
+                    seq.prompt_logprobs.extend(out.prompt_logprobs)
+                    seq.prompt_top_logprobs.extend(out.prompt_top_logprobs)
+                if out.token_id is not None:
+                    self._append(seq, out)
+                    updated[seq.seq_id] = seq
+        return list(updated.values())
+
+    def _append(self, seq: Sequence, out: SeqOutput) -> None:
+        """Adds a sampled token; finishes the sequence when a token-level stop condition holds."""
+        p = seq.params
+        if len(seq.output_ids) >= p.max_tokens:  # max_tokens=0: prompt scoring only
+            self.finish(seq, "length")
+            return
+        seq.output_ids.append(out.token_id)
+        if out.logprob is not None:
+            seq.logprobs.append(out.logprob)
+            seq.top_logprobs.append(out.top_logprobs or [])
+        if out.token_id in p.stop_token_ids or (not p.ignore_eos and out.token_id in self.eos_ids):
+            self.finish(seq, "stop")
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.finish(seq, "length")

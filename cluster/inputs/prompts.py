@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama4serve.cluster.inputs import Prompt
 from llama4serve.cluster.inputs.image_processor import IMAGE_TOKEN, ImageProcessor, ProcessedImage
 
-Prompt = str | list[int] | list[dict] | dict
 _DICT_KEYS = {"prompt", "images", "messages"}
 
 

@@ -177,7 +177,6 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
-        self.text = ""  # the text handed out so far
         self.prefix_offset = 0  # start of the decode window; text before it is final
         self.read_offset = 0  # ids before it are in `text`
 
@@ -191,7 +190,6 @@ class IncrementalDetokenizer:
             return ""
         delta = window_text[len(prefix_text):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        self.text += delta
         return delta
 
     def flush(self) -> str:
@@ -201,5 +199,4 @@ class IncrementalDetokenizer:
         window_text = decode(self.token_ids[self.prefix_offset:], self.skip_special_tokens)
         delta = window_text[len(prefix_text):]
         self.prefix_offset = self.read_offset = len(self.token_ids)
-        self.text += delta
         return delta

@@ -1,5 +1,5 @@
-"""The request limits of the serving API: one table that the OpenAI HTTP models (`openai_protocol.py`) and the
-gRPC request parser (`grpc_request.py`) both read, so that the same bad value gets the same message over both:
+"""The request limits of the serving API: one table that the OpenAI HTTP models (`openai/protocol.py`) and the
+gRPC request parser (`grpc/request.py`) both read, so that the same bad value gets the same message over both:
 `<field> is <value>; allowed <range>`.
 
 Plain Python (no pydantic, no grpc, no torch). Each check returns a `Problem` (what is wrong, and where inside
@@ -18,7 +18,6 @@ from llama4serve.cluster.sampling_params import MAX_LOGPROBS
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1  # the gRPC field is an int64; the sampler reduces seeds mod 2**63
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer is read as system; no tool calling
-IMAGE_MIME_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Ingress policy shared by the HTTP and gRPC faces: the API key, the admission bound, and the one error table.
 
 Every failure of a request becomes a `ServingError`: a row of `ERRORS` (what kind of failure) and a one-line
-message. HTTP answers the row's status in OpenAI's error shape (`openai_serving.api_error`), gRPC the row's
-status code (`grpc_service`), so the same engine error is a 503 over HTTP and UNAVAILABLE over gRPC.
+message. HTTP answers the row's status in OpenAI's error shape (`openai/errors.APIError.of`), gRPC the row's
+status code (`grpc/service.py`), so the same engine error is a 503 over HTTP and UNAVAILABLE over gRPC.
 `classify` turns any exception out of the engine into one. Faults (500, 503) are logged at ERROR with their
 traceback; client errors are not faults and are never logged with one (`QuietClientErrors` also makes Ray
 Serve's own request logging say them in one INFO line).

@@ -7,6 +7,7 @@ flags all spell a field the same way.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,8 @@ class ServeConfig(EngineOptions):
     """A served model: where its checkpoint is, how each instance runs, and the ingress limits."""
 
     model: str | None = Field(
-        None, description="Checkpoint directory; when unset a random checkpoint of `preset` is made in `cache_dir`."
+        None, description="Checkpoint directory; when unset, build_app (or the CLI) makes a random checkpoint of "
+                          "`preset` in `cache_dir` on the node it runs on."
     )
     preset: str = Field("tiny-maverick", description="Preset of the random checkpoint made when `model` is unset.")
     cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Where random preset checkpoints are written once.")
@@ -59,10 +61,23 @@ class ServeConfig(EngineOptions):
         return os.environ.get(API_KEY_ENV) or None
 
     def model_dir(self) -> str:
-        """The checkpoint directory, making the preset's random checkpoint first when `model` is unset."""
-        from llama4serve.cluster.cli.generate_cmd import resolve_model
+        """The checkpoint directory. `model` must be set: `build_app` (`serving.app.with_checkpoint`) and the
+        CLI make the preset's random checkpoint and set it before anything is deployed, so that the Ingress and
+        the Engine never import the checkpoint maker."""
+        if not self.model:
+            raise ValueError("ServeConfig.model is unset: deploy through build_app (or `llama4serve serve`), which "
+                             "makes the preset's random checkpoint, or set `model` to a checkpoint directory")
+        return self.model
 
-        return str(resolve_model(Path(self.model) if self.model else None, self.preset, Path(self.cache_dir)))
+    def check_checkpoint(self) -> None:
+        """Raises FileNotFoundError, saying how to fix it, unless this node has the checkpoint (in a replica)."""
+        path = Path(self.model_dir())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no checkpoint at {path} on this node ({socket.gethostname()}): build_app makes a preset's random "
+                "checkpoint only on the node where it runs; on several nodes, make it in every pod first "
+                "(`llama4serve checkpoint --preset P --out DIR`, as the Helm chart's init container does) or put it "
+                "on a shared volume, and set `model: DIR`")
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_dir()).name

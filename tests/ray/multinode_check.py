@@ -21,7 +21,7 @@ def main(path: str) -> None:
         with LLM(path, attention_actors=1, expert_actors=2, dtype="float32", placement_strategy="STRICT_SPREAD",
                  attention_resources={"node_a": 1}, expert_resources={"expert_node": 1}) as llm:
             spread = llm.generate(prompts, params)
-            nodes = {name: info["node_id"] for name, info in llm.engine.actor_info.items()}
+            nodes = {name: info["node_id"] for name, info in llm.engine.data_plane.actor_info.items()}
         with LLM(path, dtype="float32", attention_resources={"node_a": 1}) as llm:
             single = llm.generate(prompts, params)
         node_resources = {n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("node_")) for n in ray.nodes()}

@@ -26,12 +26,12 @@ def setup(ray_session, tmp_path_factory):
 
 def _staggered(llm: LLM, prompts: list[list[int]]) -> list:
     """Submits a few prompts every step, so prefills of new requests mix with decodes of older ones."""
-    engine, seqs, pending = llm.engine, [], list(enumerate(prompts))
+    engine, seqs, pending = llm, [], list(enumerate(prompts))
     while pending or engine.has_work():
         for _ in range(3):
             if pending:
                 i, p = pending.pop(0)
-                seqs.append(engine.add_request(p, [GREEDY, SEEDED][i % 2]))
+                seqs.append(engine.add_request(p, [GREEDY, SEEDED][i % 2]).seq)
         engine.step()
     return seqs
 

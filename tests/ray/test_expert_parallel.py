@@ -13,7 +13,7 @@ from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts, expert_split
 from llama4serve.cluster import LLM, SamplingParams
-from llama4serve.cluster.engine.core import DataPlaneError
+from llama4serve.cluster.errors import DataPlaneError
 
 TOPOLOGIES = [(1, 0), (1, 1), (1, 2), (2, 3), (3, 2)]  # (attention actors, expert actors)
 NEW_TOKENS = 12
@@ -41,7 +41,7 @@ def test_outputs_independent_of_topology(ray_session, checkpoint):
         with LLM(path, attention_actors=a, expert_actors=e, dtype="float32", block_size=8) as llm:
             outs = llm.generate(prompts, params)
             assert all(r.num_assigned >= 1 for r in llm.engine.replicas)  # spread over the attention actors
-            assert len(llm.engine.experts) == e
+            assert len(llm.engine.data_plane.experts) == e
         for out, tokens, lp in zip(outs, expected_tokens, expected_lp):
             assert out.token_ids == tokens, f"{a}x{e}"
             torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), lp, atol=1e-3, rtol=0)
@@ -73,10 +73,10 @@ def test_dead_expert_actor_raises_within_timeout(ray_session, tmp_path):
     path = write_hf_checkpoint(tmp_path, MAVERICK_LIKE)
     llm = LLM(path, attention_actors=1, expert_actors=2, dtype="float32", collective_timeout_s=8)
     try:
-        engine = llm.engine
+        engine = llm
         engine.add_request(list(range(3, 40)), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
         engine.step()
-        ray.kill(engine.experts[1])
+        ray.kill(llm.engine.data_plane.experts[1])
         t0 = time.monotonic()
         with pytest.raises(DataPlaneError, match="expert|died|did not finish"):
             while engine.has_work():

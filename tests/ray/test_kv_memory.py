@@ -19,14 +19,14 @@ def test_chunk_pool_bounded_at_long_context(ray_session, tmp_path):
     # One step per call, so that the blocks held can be observed after every step.
     with LLM(path, dtype="float32", block_size=BLOCK, max_num_batched_tokens=20, num_scheduler_steps=1) as llm:
         engine = llm.engine
-        seq = engine.add_request(prompt, params)
+        state = llm.add_request(prompt, params)
         peak_chunk = peak_full = steps = 0
-        while engine.has_work():
-            engine.step()
-            full, chunk = engine.blocks.held(seq.seq_id)
+        while llm.has_work():
+            llm.step()
+            full, chunk = engine.blocks.held(state.seq.seq_id)
             peak_chunk, peak_full = max(peak_chunk, chunk), max(peak_full, full)
             steps += 1
-        chunked_prefill = engine.completion(seq).token_ids
+        chunked_prefill = llm.completion(state).token_ids
         one_shot = llm.generate(prompt, params)[0].token_ids
     assert steps > 8 * CHUNK // 20  # prefill really went in pieces
     assert peak_chunk <= limit, f"chunk pool held {peak_chunk} blocks; at most {limit} allowed"

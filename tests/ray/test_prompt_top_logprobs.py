@@ -117,22 +117,23 @@ def test_prompt_logprobs_n_across_chunked_prefill_and_preemption(ray_session, hf
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=2)
     with LLM(path, dtype="float32", block_size=8, max_num_batched_tokens=16, num_full_blocks=16,
              num_chunk_blocks=9) as llm:
-        engine = llm.engine
+        engine = llm
         steps = []
         for p in prompts:  # one at a time: chunked prefill alone
-            seq = engine.add_request(p, params)
+            seq = (state := engine.add_request(p, params)).seq
             while engine.has_work():
                 steps.append(seq.num_computed)
                 engine.step()
             steps.append(seq.num_computed)
-            assert_prompt_matches(engine.completion(seq), p, hf_log_softmax(hf, p), 2)
+            assert_prompt_matches(engine.completion(state), p, hf_log_softmax(hf, p), 2)
         assert [0, 16, 32] == steps[:3] and steps[3] >= 45  # the first prompt took three prefill steps
-        seqs = [engine.add_request(p, params) for p in prompts * 2]  # together: the cache holds 128 tokens
+        states = [engine.add_request(p, params) for p in prompts * 2]
+        seqs = [s.seq for s in states]  # together: the cache holds 128 tokens
         while engine.has_work():
             engine.step()
         assert sum(s.num_preemptions for s in seqs) > 0
-        for seq in seqs:
-            assert_prompt_matches(engine.completion(seq), seq.prompt_ids, hf_log_softmax(hf, seq.prompt_ids), 2)
+        for state, seq in zip(states, seqs):
+            assert_prompt_matches(engine.completion(state), seq.prompt_ids, hf_log_softmax(hf, seq.prompt_ids), 2)
 
 
 # ------------------------------------------------------------------------------------------ the real server

@@ -122,12 +122,13 @@ def test_chunked_prefill_and_preemption_change_nothing(setup):
     with LLM(path, max_num_batched_tokens=8, **OPTIONS) as llm:
         _same(llm.generate([prompts[n] for n in PROMPTS], GREEDY), ours)
     with LLM(path, max_num_batched_tokens=8, **dict(OPTIONS, num_full_blocks=12, num_chunk_blocks=6)) as llm:
-        engine = llm.engine
-        seqs = [engine.add_request(engine.prepare(prompts[n]), GREEDY) for n in list(PROMPTS) * 2]
+        engine = llm
+        states = [engine.add_request(prompts[n], GREEDY) for n in list(PROMPTS) * 2]
+        seqs = [s.seq for s in states]
         while engine.has_work():
             engine.step()
         assert sum(s.num_preemptions for s in seqs) > 0  # the budget really forced preemptions
-        outs = [engine.completion(s) for s in seqs]
+        outs = [engine.completion(s) for s in states]
     _same(outs[:2], ours)
     _same(outs[2:], ours)
 

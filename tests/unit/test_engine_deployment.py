@@ -1,6 +1,6 @@
 """The Engine deployment's rejections, the ingress-side EngineClient (deadline, rejections), and the gRPC host
 binding, in process with stand-ins for the AsyncEngine, the DeploymentHandle and gRPC's server (no Ray cluster).
-The real servers are exercised in test_serve_errors.py and test_serve_e2e.py."""
+The real servers are exercised in tests/e2e/test_serve_errors.py and test_serve_e2e.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pickle
 import pytest
 
 from llama4serve.cluster.serving.grpc import bind as grpc_bind
-from llama4serve.cluster.serving.engine_deployment import Engine, EngineClient, Rejected
+from llama4serve.cluster.serving.engine_client import EngineClient, Rejected
+from llama4serve.cluster.serving.engine_deployment import Engine
 from llama4serve.cluster.outputs import RequestOutput
 from llama4serve.cluster.serving.policy import DEADLINE, ServingError
 

@@ -5,31 +5,44 @@ must give the same one-line message over HTTP and gRPC; real servers are in test
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import traceback
+from types import SimpleNamespace
 
 import grpc
 import httpx
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, gRPCStatusError
+from ray.serve.grpc_util import RayServegRPCContext
 
-from llama4serve.cluster.engine.core import DataPlaneError
+from llama4serve.cluster.errors import DataPlaneError
 from llama4serve.cluster.serving.grpc.service import GrpcIngressMixin
 from llama4serve.cluster.serving.openai.api import build_fastapi_app
 from llama4serve.cluster.outputs import RequestOutput
-from llama4serve.cluster.serving.policy import (BAD_INPUT, DEADLINE, UNAVAILABLE, Admission, QuietClientErrors, ServingError,
-                                        one_line)
+from llama4serve.cluster.serving.policy import (BAD_INPUT, DEADLINE, UNAVAILABLE, Admission, QuietClientErrors,
+                                                ServingError, one_line)
 from llama4serve.protos import llama4serve_pb2 as pb
-from test_grpc_service import context
 
 MODEL = "tiny"
 
 
+def context(metadata=()):
+    """The context object Serve passes as `grpc_context` (as in tests/e2e/test_grpc_service.py)."""
+    raw = SimpleNamespace(
+        auth_context=dict, code=lambda: None, details=lambda: None, invocation_metadata=lambda: list(metadata),
+        peer=lambda: "ipv4:127.0.0.1:50000", peer_identities=lambda: None, peer_identity_key=lambda: None,
+        trailing_metadata=list,
+    )
+    return RayServegRPCContext(raw)
+
+
 class Server(GrpcIngressMixin):
-    """One ingress for both protocols, as cluster/serving/app.py's: a ServingContext and a GrpcIngressHost."""
+    """One ingress for both protocols, as cluster/serving/ingress.py's: a ServingContext and a GrpcIngressHost."""
 
     model_name, max_model_len, tokenizer, max_request_bytes, max_n = MODEL, 64, None, 1 << 20, 4
+    max_images_per_request, max_image_bytes = 2, 1 << 16
 
     def __init__(self, error: BaseException | None = None, api_key: str | None = None, limit: int = 4):
         self.error, self.api_key, self.calls = error, api_key, []
@@ -168,6 +181,30 @@ def test_same_bad_value_same_message_over_both_protocols(fields, request_, messa
     if not chat:
         request_.text = "x"
     assert rpc(Server(), request_) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+PNG = b"\x89PNG\r\n\x1a\n"  # the engine decodes images; these checks come first
+
+
+def test_images_one_count_bound_and_mime_check_for_both_protocols():
+    url = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG).decode()}}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": [url] * 3}]}
+    reply = http(Server(), "/v1/chat/completions", body)
+    message = "the request has 3 images; this server accepts at most 2 (max_images_per_request)"
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == message, reply.text
+    part = pb.ContentPart(image=pb.Image(data=PNG, mime_type="image/png"))
+    request = G(messages=[pb.ChatMessage(role="user", parts=[part] * 3)])
+    assert rpc(Server(), request) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    gif = {"type": "image_url", "image_url": {"url": "data:image/gif;base64," + base64.b64encode(PNG).decode()}}
+    reply = http(Server(), "/v1/chat/completions", {**body, "messages": [{"role": "user", "content": [gif]}]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages[0].content[0]", reply.text
+    assert "'image/gif'; send image/png, image/jpeg or image/webp" in reply.json()["error"]["message"]
+    request = G(messages=[pb.ChatMessage(role="user", parts=[pb.ContentPart(image=pb.Image(data=PNG,
+                                                                                           mime_type="image/gif"))])])
+    code, details = rpc(Server(), request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("messages[0].parts[0].mime_type")
+    assert "'image/gif'; send image/png, image/jpeg or image/webp" in details
 
 
 def test_whole_number_floats_are_integers_and_booleans_are_not():

@@ -100,24 +100,26 @@ def test_abort_frees_blocks_at_once():
 
 def test_multi_step_decode_limit_and_block_growth():
     bm = BlockManager(num_full_blocks=8, num_chunk_blocks=4, block_size=4, chunk_size=8)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=100)
     a, b = _seq(0, 3, max_tokens=10), _seq(1, 2, max_tokens=3)
     sched.add(a)
-    assert sched.decode_steps_limit(sched.schedule(), 8, 100) == 1  # a prefill is scheduled
+    assert sched.decode_steps_limit(sched.schedule(), 8) == 1  # a prefill is scheduled
     sched.add(b)
     _run(sched, sched.schedule())  # a decodes its first token while b prefills
     steps = sched.schedule()  # both decode: a at position 3, b at 2
-    assert sched.decode_steps_limit(steps, 8, 100) == 2  # b may sample only 2 more tokens (max_tokens 3)
-    assert sched.decode_steps_limit(steps, 8, 5) == 1  # max_model_len 5: b's 4th token would be the 5th
+    assert sched.decode_steps_limit(steps, 8) == 2  # b may sample only 2 more tokens (max_tokens 3)
+    sched.max_model_len = 5
+    assert sched.decode_steps_limit(steps, 8) == 1  # max_model_len 5: b's 4th token would be the 5th
+    sched.max_model_len = 100
     sched.add(_seq(2, 1))
-    assert sched.decode_steps_limit(steps, 8, 100) == 1  # someone waits for admission
+    assert sched.decode_steps_limit(steps, 8) == 1  # someone waits for admission
     sched.waiting.clear()
     b.params = SamplingParams(max_tokens=3, presence_penalty=0.5)
-    assert sched.decode_steps_limit(steps, 8, 100) == 1  # penalties read the tokens sampled so far
+    assert sched.decode_steps_limit(steps, 8) == 1  # penalties read the tokens sampled so far
     b.params = SamplingParams(max_tokens=30)
     # a's chunk is [0, 8): from position 3 the tables may grow to end at 7 (ending at 8 would retire it)
-    assert sched.decode_steps_limit(steps, 8, 100) == 4
-    assert sched.decode_steps_limit(steps, 3, 100) == 3
+    assert sched.decode_steps_limit(steps, 8) == 4
+    assert sched.decode_steps_limit(steps, 3) == 3
     sched.extend_decode(steps, 4)
     (_, step_a), (_, step_b) = steps
     assert len(step_a.full_blocks) == len(step_a.chunk_write_blocks) == 2  # positions 0..6
@@ -126,4 +128,4 @@ def test_multi_step_decode_limit_and_block_growth():
     big.add(_seq(3, 3, max_tokens=30))
     big.add(_seq(4, 3, max_tokens=30))
     _run(big, big.schedule())
-    assert big.decode_steps_limit(big.schedule(), 8, 100) == 1  # 4 steps each need 2 full blocks, 1 free
+    assert big.decode_steps_limit(big.schedule(), 8) == 1  # 4 steps each need 2 full blocks, 1 free

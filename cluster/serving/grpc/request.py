@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from llama4serve.protos import llama4serve_pb2 as pb
-from llama4serve.cluster.serving import limits
+from llama4serve.cluster.serving import images, limits
 from llama4serve.cluster.serving.policy import BAD_INPUT, ServingError
 from llama4serve.cluster.sampling_params import SamplingParams
 
@@ -30,9 +30,18 @@ def _check(where: str, problem: limits.Problem | None) -> None:
         raise _bad(problem.at(where))
 
 
-def parse_request(request: pb.GenerateRequest, max_model_len: int) -> tuple[Any, SamplingParams]:
-    """The engine prompt and sampling parameters of `request`; ServingError naming the field when bad."""
-    return prompt_of(request), sampling_params(request, max_model_len)
+def parse_request(request: pb.GenerateRequest, max_model_len: int,
+                  max_images: int | None = None) -> tuple[Any, SamplingParams]:
+    """The engine prompt and sampling parameters of `request`; ServingError naming the field when bad.
+    `max_images`: max_images_per_request (the engine also enforces it)."""
+    prompt = prompt_of(request)
+    images.check_image_count(_num_images(request), max_images, "images" if request.images else "messages")
+    return prompt, sampling_params(request, max_model_len)
+
+
+def _num_images(request: pb.GenerateRequest) -> int:
+    parts = sum(part.WhichOneof("part") == "image" for message in request.messages for part in message.parts)
+    return len(request.images) + parts
 
 
 def prompt_of(request: pb.GenerateRequest) -> str | list[int] | list[dict] | dict:
@@ -75,12 +84,7 @@ def _content(message: pb.ChatMessage, index: int) -> list[dict]:
 
 
 def _image_bytes(image: pb.Image, where: str) -> bytes:
-    mime = image.mime_type.strip().lower()
-    if mime and mime not in limits.IMAGE_MIME_TYPES:
-        raise _bad(f"{where}.mime_type is {image.mime_type!r}; send image/png, image/jpeg or image/webp")
-    if not image.data:
-        raise _bad(f"{where}.data is empty; send the image file's bytes")
-    return bytes(image.data)
+    return images.image_bytes(image.data, image.mime_type, where)
 
 
 def _token_ids(request: pb.GenerateRequest) -> list[int]:

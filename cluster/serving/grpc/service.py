@@ -10,7 +10,8 @@ them and raises `RpcError`, since Serve copies the context back only with a yiel
 (the exception must pickle). A client that cancels or passes its deadline makes Serve cancel the method's
 task, so `finally` aborts the engine request.
 
-The Ingress deployment class inherits `GrpcIngressMixin` and provides what `GrpcIngressHost` lists.
+The Ingress deployment class (`cluster/serving/ingress.py`) inherits `GrpcIngressMixin` and provides what
+`GrpcIngressHost` lists; its `engine` is an `engine_client.EngineProtocol`, the interface HTTP also uses.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health_pb2
 
-from llama4serve.protos import llama4serve_pb2 as pb
-from llama4serve.cluster.serving.grpc.request import parse_request
 from llama4serve.cluster.outputs import RequestOutput
+from llama4serve.cluster.serving.engine_client import EngineProtocol
+from llama4serve.cluster.serving.grpc.request import parse_request
 from llama4serve.cluster.serving.policy import BAD_INPUT, NOT_FOUND, Admission, ServingError, check_api_key, classify
-from llama4serve.cluster.sampling_params import SamplingParams
+from llama4serve.protos import llama4serve_pb2 as pb
 
 SERVICE_NAME = "llama4serve.v1.Llama4Serve"
 FINISH_REASONS = {
@@ -39,25 +40,15 @@ FINISH_REASONS = {
 HOW_TO_AUTHENTICATE = "metadata 'authorization: Bearer <your key>'"
 
 
-class GrpcEngine(Protocol):
-    def generate(
-        self, prompt: str | list[int] | list[dict], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Streams updates; raises ValueError naming the field before the first one when the input is bad,
-        anything else on failure (mapped through policy.classify)."""
-
-    async def abort(self, request_id: str) -> None:
-        """Stops a request that has not finished; a no-op for unknown or finished ids."""
-
-
 class GrpcIngressHost(Protocol):
     """What the Ingress deployment provides to GrpcIngressMixin."""
 
-    engine: GrpcEngine
+    engine: EngineProtocol
     model_name: str  # the id in ListModels and the only accepted GenerateRequest.model (besides "")
     api_key: str | None  # when set, metadata `authorization: Bearer <api_key>` is required
     admission: Admission  # requests in flight on this ingress, shared with HTTP (max_queued_requests)
     max_model_len: int  # largest max_tokens accepted
+    max_images_per_request: int  # optional (default: only the engine's bound): images in one request
 
 
 class RpcError(ServingError):
@@ -158,7 +149,7 @@ class GrpcIngressMixin:
                 f"model {request.model!r} is not served here; this server serves {self.model_name!r} "
                 "(leave `model` empty or see ListModels)",
             )
-        return parse_request(request, self.max_model_len)
+        return parse_request(request, self.max_model_len, getattr(self, "max_images_per_request", None))
 
     async def _grpc_engine_outputs(self, prompt, params, request_id: str) -> AsyncIterator[RequestOutput]:
         """Runs one engine request under the admission bound; aborts it unless it finished or failed."""

@@ -1,64 +1,33 @@
 """OpenAI-compatible HTTP API: a FastAPI app over a `ServingContext` (the Serve Ingress implements it).
 
 `build_fastapi_app(ctx)` returns the app; Ray Serve mounts it through a late-bound `@serve.ingress()` whose
-class returns it from `__serve_build_asgi_app__` (see `cluster/serving/app.py`). Routes: POST /v1/completions,
+class returns it from `__serve_build_asgi_app__` (see `cluster/serving/ingress.py`). Routes: POST /v1/completions,
 POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health. Every error is
 `{"error": {"message", "type", "param", "code"}}`; client mistakes are 4xx, never 5xx.
 
-This file is the HTTP layer (auth, limits, errors, routes); request handling is in `openai_serving.py`, request
-models in `openai_protocol.py`, response bodies in `openai_responses.py`.
+This file is the HTTP layer (auth, limits, errors, routes); request handling (and `ServingContext`) is in
+`serving.py`, request models in `protocol.py`, the error shape in `errors.py`, response bodies in `formatters.py`.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama4serve.cluster.serving.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, ErrorResponse
-from llama4serve.cluster.serving.openai.serving import GENERATION_PATHS, OpenAIServer
-from llama4serve.cluster.outputs import RequestOutput
-from llama4serve.cluster.serving.policy import NOT_FOUND, TOO_LARGE, UNAVAILABLE, Admission, ServingError, check_api_key, one_line, root_exception
-from llama4serve.cluster.sampling_params import SamplingParams
+from llama4serve.cluster.serving.openai.errors import APIError, ErrorResponse
+from llama4serve.cluster.serving.openai.protocol import ChatCompletionRequest, CompletionRequest
+from llama4serve.cluster.serving.openai.serving import GENERATION_PATHS, OpenAIServer, ServingContext
+from llama4serve.cluster.serving.policy import (NOT_FOUND, TOO_LARGE, UNAVAILABLE, ServingError, check_api_key,
+                                                one_line, root_exception)
+
+__all__ = ["build_fastapi_app", "ServingContext"]
 
 logger = logging.getLogger(__name__)
-
-
-class ServingContext(Protocol):
-    """What the HTTP routes need from the server; attributes are read per request.
-
-    `generate` streams `RequestOutput` deltas and raises ValueError (its text is sent to the client as a 400)
-    before the first output on bad input (a Ray-wrapped ValueError counts: its `cause` is used). Any other
-    exception goes through the error table (policy.classify): BackPressureError 429, DataPlaneError /
-    DeploymentUnavailableError 503, a deadline 504, else 500. Closing the iterator early must abort the request;
-    `abort` is also called for every request the client gave up on.
-    """
-
-    model_name: str  # what clients send as `model` and /v1/models lists
-    max_model_len: int
-    tokenizer: object | None  # cluster.tokenizer.Tokenizer: token strings for logprobs, echo of token-id prompts
-    api_key: str | None  # Bearer token required on /v1/*; None: open
-    max_queued_requests: int  # generation requests in flight on this ingress; more get 429 at once
-    admission: Admission  # optional: that bound, shared with gRPC (default: one of this app's own)
-    max_request_bytes: int  # larger request bodies get 413
-    max_n: int  # largest accepted `n`
-    max_images_per_request: int  # optional (default 8): images in one chat request, refused with 400 beyond
-    max_image_bytes: int  # optional (default 20 MiB): decoded bytes of one image
-
-    def generate(
-        self, prompt: str | list[int] | list[dict], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Chat messages may hold image parts {"type": "image", "image": bytes} (see cluster/inputs/prompts.py)."""
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def check_health(self) -> None:
-        """Return when the model can serve; raise (any exception, its text is shown) when it cannot."""
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -202,6 +171,10 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc)
 
 
+async def _on_serving_error(request: Request, exc: ServingError) -> JSONResponse:
+    return error_response(APIError.of(exc))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(APIError(500, f"internal server error ({type(exc).__name__})", "server_error"))
@@ -226,6 +199,7 @@ def build_fastapi_app(ctx: ServingContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(ServingError, _on_serving_error)
     app.add_exception_handler(Exception, _on_unexpected)
 
     @app.post("/v1/completions", response_model=None, responses={**_GENERATED, **_ERRORS})

@@ -1,7 +1,7 @@
 """Pydantic field types of the OpenAI HTTP models, made from the limits table (`limits.py`) that gRPC also reads.
 
 A value outside its range raises a `limit` error whose message is the table's (`is 2.5; allowed 0..2`); the
-routes' error handler (`openai_api._validation_message`) puts the field's path in front, so the message is the
+routes' error handler (`openai/api.py` `_validation_message`) puts the field's path in front, so the message is the
 one gRPC sends for the same value. Integers accept whole-number floats (16.0), as JSON Schema does.
 """
 

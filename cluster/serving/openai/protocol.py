@@ -7,7 +7,7 @@ API also checks, so a bad value gets the same message over both (a `limit` error
 integers, as in JSON Schema; they ignore fields they do not know, as OpenAI-compatible servers do; the few
 OpenAI fields whose silent omission would change the answer (`logit_bias`, `suffix`, `tools`, ...) are declared
 and rejected when set. Deployment-dependent limits (`n` <= max_n, `max_tokens` <= max_model_len) are checked by
-the routes. Responses are plain dicts built by `openai_responses.py`.
+the routes. Responses are plain dicts built by `formatters.py`; the error shape is in `errors.py`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from llama4serve.cluster.serving import limits
-from llama4serve.cluster.serving.openai.fields import (AtLeastOne, ChatMaxTokens, Logprobs, MaxTokens, Penalty, RepetitionPenalty, Role, Seed,
-                            Temperature, TokenIds, TopK, TopP, check_texts, raise_problem)
-from llama4serve.cluster.serving.policy import ServingError
+from llama4serve.cluster.serving.openai.fields import (AtLeastOne, ChatMaxTokens, Logprobs, MaxTokens, Penalty,
+                                                       RepetitionPenalty, Role, Seed, Temperature, TokenIds, TopK,
+                                                       TopP, check_texts, raise_problem)
 from llama4serve.cluster.sampling_params import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -269,36 +269,3 @@ class ChatCompletionRequest(_SamplingFields):
 
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class ErrorInfo(BaseModel):
-    message: str = Field(description="What was wrong and what to do.")
-    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error.")
-    param: str | None = Field(None, description="The request field at fault, e.g. messages[0].role.")
-    code: str | None = Field(None, description="A machine-readable code, e.g. model_not_found.")
-
-
-class ErrorResponse(BaseModel):
-    """Every error the API returns, in the OpenAI shape."""
-
-    error: ErrorInfo
-
-
-class APIError(Exception):
-    """An error response in the OpenAI shape (see ErrorResponse)."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    @classmethod
-    def of(cls, error: ServingError, param: str | None = None) -> "APIError":
-        """The HTTP face of a ServingError: its row's status, OpenAI type and code (see policy.ERRORS)."""
-        kind = error.kind
-        return cls(kind.http_status, error.message, kind.openai_type, param or error.param, kind.openai_code,
-                   dict(kind.http_headers) or None)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -1,8 +1,10 @@
 """Request handling behind the OpenAI routes: engine requests of one HTTP request, streaming, disconnects.
 
 One HTTP request becomes `len(prompts) * n` engine requests (choice i gets `seed + i`), run concurrently by an
-`EngineRun`; the answer is built by the formatters of `openai_responses.py`. A client that leaves (disconnect,
-or the ASGI task being cancelled, which is what Ray Serve does) aborts every unfinished engine request.
+`EngineRun`; the answer is built by the formatters of `formatters.py`. A client that leaves (disconnect, or the
+ASGI task being cancelled, which is what Ray Serve does) aborts every unfinished engine request.
+`ServingContext` is what the routes need from the server (the Ingress implements it): the engine interface
+(`engine_client.EngineProtocol`, shared with gRPC) and the limits.
 """
 
 from __future__ import annotations
@@ -13,25 +15,50 @@ import logging
 import re
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from llama4serve.cluster.serving import limits
-from llama4serve.cluster.serving.openai.images import engine_messages
-from llama4serve.cluster.serving.openai.protocol import DEFAULT_COMPLETION_MAX_TOKENS, APIError, ChatCompletionRequest, CompletionRequest
-from llama4serve.cluster.serving.openai.formatters import ChatFormatter, CompletionFormatter
 from llama4serve.cluster.outputs import RequestOutput
-from llama4serve.cluster.serving.policy import BAD_INPUT, NOT_FOUND, Admission, ServingError, classify
 from llama4serve.cluster.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from llama4serve.cluster.serving.openai.api import ServingContext
+from llama4serve.cluster.serving import limits
+from llama4serve.cluster.serving.engine_client import EngineProtocol
+from llama4serve.cluster.serving.openai.errors import APIError
+from llama4serve.cluster.serving.openai.formatters import ChatFormatter, CompletionFormatter
+from llama4serve.cluster.serving.openai.images import engine_messages
+from llama4serve.cluster.serving.openai.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest,
+                                                         CompletionRequest)
+from llama4serve.cluster.serving.policy import BAD_INPUT, NOT_FOUND, Admission, ServingError, classify
 
 logger = logging.getLogger(__name__)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class ServingContext(EngineProtocol, Protocol):
+    """What the HTTP routes need from the server; attributes are read per request.
+
+    `generate` streams `RequestOutput` deltas and raises ValueError (its text is sent to the client as a 400)
+    before the first output on bad input (a Ray-wrapped ValueError counts: its `cause` is used). Any other
+    exception goes through the error table (policy.classify): BackPressureError 429, DataPlaneError /
+    DeploymentUnavailableError 503, a deadline 504, else 500. Closing the iterator early must abort the request;
+    `abort` is also called for every request the client gave up on.
+    """
+
+    model_name: str  # what clients send as `model` and /v1/models lists
+    max_model_len: int
+    tokenizer: object | None  # cluster.inputs.tokenizer.Tokenizer: token strings for logprobs, echo of token-id prompts
+    api_key: str | None  # Bearer token required on /v1/*; None: open
+    max_queued_requests: int  # generation requests in flight on this ingress; more get 429 at once
+    admission: Admission  # optional: that bound, shared with gRPC (default: one of this app's own)
+    max_request_bytes: int  # larger request bodies get 413
+    max_n: int  # largest accepted `n`
+    max_images_per_request: int  # optional (default 8): images in one chat request, refused with 400 beyond
+    max_image_bytes: int  # optional (default 20 MiB): decoded bytes of one image
+
+    async def check_health(self) -> None:
+        """Return when the model can serve; raise (any exception, its text is shown) when it cannot."""
 
 
 def engine_error(exc: BaseException) -> APIError:
