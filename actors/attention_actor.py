@@ -10,10 +10,12 @@ import os
 
 import torch
 
+from llama4serve.kernels.device import resolve_device
 from llama4serve.actors.step_io import SeqOutput, StepBatch
 from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.runner.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from llama4serve.actors.runner.image_features import ImageFeatureCache
 from llama4serve.actors.runner.kv_cache import KVCache
 from llama4serve.actors.model.text_model import Llama4TextModel
@@ -24,14 +26,38 @@ from llama4serve.actors.parallel.router import ExpertLayout, Router
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def ray_gpu_ids() -> list:
+    """The GPUs Ray gave this actor ([] outside a Ray worker)."""
+    try:
+        import ray
+    except ImportError:
+        return []
+    return ray.get_gpu_ids() if ray.is_initialized() else []
+
+
+def actor_device(device: str) -> torch.device:
+    """The device an actor computes on, from the `device` option and the GPUs Ray gave it; raises at once,
+    naming CUDA, when "cuda" is asked for and there is none."""
+    return resolve_device(device, ray_gpu_ids())
+
+
+def torch_dtype_of(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """dtype "auto": bfloat16 on a GPU, the checkpoint's torch_dtype on CPU; else the named dtype."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else checkpoint_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 class ExpertLoad:
     """Routed experts (`RoutedExperts`) that also count the rows sent to each expert of each MoE layer: one
     index_add per MoE layer per step, on the rows' device, without a host sync."""
 
-    def __init__(self, routed, moe_layers: tuple[int, ...], num_experts: int):
+    def __init__(self, routed, moe_layers: tuple[int, ...], num_experts: int, device: torch.device | str = "cpu"):
         self.routed = routed
         self.row = {layer: r for r, layer in enumerate(moe_layers)}
-        self.counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.long)  # [MoE layers, E]
+        self.counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.long, device=device)  # [MoE layers, E]
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int):
         if self.counts.device != expert_ids.device:
@@ -61,40 +87,54 @@ class AttentionActor:
         torch_threads: int | None = None,
         expert_bounds: list[tuple[int, int]] | None = None,
         num_attention_ranks: int = 1,
+        device: str = "auto",
+        cuda_graph_batch_sizes: tuple[int, ...] | None = DEFAULT_BATCH_SIZES,
     ):
         """expert_bounds: expert ranges of the expert actors (ranks num_attention_ranks, ...); None keeps every
-        routed expert in this actor."""
+        routed expert in this actor. device: "auto" | "cpu" | "cuda" ("auto": the GPU Ray gave this actor, if
+        any); weights, KV pools and every step's tensors live there. dtype "auto": bfloat16 on a GPU.
+        cuda_graph_batch_sizes: on CUDA with every expert in this actor, decode steps of up to the largest of
+        these batch sizes run as CUDA graphs (captured on first use); None or () turns them off."""
+        self.device = dev = actor_device(device)  # first: a missing GPU fails before any loading
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         cfg = load_model_config(model_dir)
         reader = CheckpointReader(model_dir)
-        self.dtype = torch_dtype = DTYPES[dtype]
+        self.dtype = torch_dtype = torch_dtype_of(dtype, cfg.torch_dtype, dev)
         self.router: Router | None = None
         if expert_bounds:
             world_size = num_attention_ranks + len(expert_bounds)
-            layout = ExpertLayout(expert_bounds, num_attention_ranks, world_size)
-            self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers, torch_dtype)
+            layout = ExpertLayout(expert_bounds, num_attention_ranks, world_size, dev)
+            self.router = routed = Router(layout, cfg.hidden_size, cfg.moe_layers, torch_dtype, dev)
         else:
-            routed = LocalExperts(cfg, reader, 0, cfg.num_experts, torch_dtype)
-        self.expert_load = ExpertLoad(routed, cfg.moe_layers, cfg.num_experts)
-        model = Llama4TextModel(cfg, reader, torch_dtype, self.expert_load)
-        images = ImageFeatureCache.create(cfg, reader, torch_dtype)  # None for text-only checkpoints
+            routed = LocalExperts(cfg, reader, 0, cfg.num_experts, torch_dtype, dev)
+        self.expert_load = ExpertLoad(routed, cfg.moe_layers, cfg.num_experts, dev)
+        model = Llama4TextModel(cfg, reader, torch_dtype, self.expert_load, dev)
+        images = ImageFeatureCache.create(cfg, reader, torch_dtype)  # None for text-only checkpoints; on CPU
         reader.close()
-        self.kv = KVCache(cfg, num_full_blocks, num_chunk_blocks, block_size, torch_dtype)
+        graphs = bool(cuda_graph_batch_sizes) and dev.type == "cuda" and self.router is None
+        # With graphs each pool has one more block, the padding rows' scratch block that no sequence owns.
+        self.kv = KVCache(cfg, num_full_blocks + graphs, num_chunk_blocks + graphs, block_size, torch_dtype, dev)
         self.runner = ModelRunner(cfg, model, self.kv, images, None if self.router else routed)
+        if graphs:
+            self.runner.graphs = DecodeGraphs(self.runner, tuple(cuda_graph_batch_sizes), num_full_blocks,
+                                              num_chunk_blocks)
         self.all_to_all_seconds: list[float] = []  # per step with sequences, since the last take_metrics
 
     def ready(self) -> dict:
         import ray
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "kv_cache_bytes": self.kv.nbytes(), "torch_threads": torch.get_num_threads()}
+                "kv_cache_bytes": self.kv.nbytes(), "torch_threads": torch.get_num_threads(),
+                "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
     def master_address(self) -> tuple[str, int]:
         return master_address()
 
     def join_group(self, master: tuple[str, int], rank: int, world_size: int, timeout_s: float) -> str:
-        return join(master, rank, world_size, timeout_s)
+        return join(master, rank, world_size, timeout_s, self.device)
 
     def exchange_stats(self) -> tuple[float, int]:
         """(seconds from dispatch to combined results, MoE-layer exchanges) since start."""

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from llama4serve.actors.attention_actor import DTYPES
+from llama4serve.actors.attention_actor import actor_device, torch_dtype_of
 from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
@@ -16,16 +16,21 @@ from llama4serve.actors.parallel.router import ExpertLayout, serve_moe_layer
 
 
 class ExpertShardActor:
-    def __init__(self, model_dir: str, dtype: str, bounds: list[tuple[int, int]], shard: int, torch_threads: int | None = None):
+    def __init__(self, model_dir: str, dtype: str, bounds: list[tuple[int, int]], shard: int,
+                 torch_threads: int | None = None, device: str = "auto"):
+        """device: "auto" | "cpu" | "cuda", as for `AttentionActor`; the shard's experts live there."""
+        self.device = dev = actor_device(device)  # first: a missing GPU fails before any loading
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
         self.cfg = load_model_config(model_dir)
-        self.dtype = DTYPES[dtype]
+        self.dtype = torch_dtype_of(dtype, self.cfg.torch_dtype, dev)
         self.bounds = bounds
         self.shard = shard
         reader = CheckpointReader(model_dir)
         e0, e1 = bounds[shard]
-        self.experts = LocalExperts(self.cfg, reader, e0, e1, self.dtype)
+        self.experts = LocalExperts(self.cfg, reader, e0, e1, self.dtype, dev)
         self.bytes_read = reader.bytes_read
         reader.close()
         self.layout: ExpertLayout | None = None
@@ -35,19 +40,24 @@ class ExpertShardActor:
         import ray
 
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "bytes_read": self.bytes_read,
-                "experts": self.bounds[self.shard]}
+                "experts": self.bounds[self.shard], "device": str(self.device)}
 
     def join_group(self, master: tuple[str, int], rank: int, world_size: int, first_expert_rank: int, timeout_s: float) -> str:
-        backend = join(master, rank, world_size, timeout_s)
-        self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size)
+        backend = join(master, rank, world_size, timeout_s, self.device)
+        self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size, self.device)
         return backend
 
     def run_step(self, capacity: int, num_steps: int = 1) -> int:
         """Serves one engine step (num_steps decode steps with multi-step scheduling): every MoE layer once per
         step, in order. Returns rows served."""
-        rows = 0
-        for _ in range(num_steps):
-            for layer in self.cfg.moe_layers:
-                rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity)
-        self.rows_served += rows
+        served = int(sum(self.serve_step(capacity) for _ in range(num_steps)))  # one sync, after the layer loops
+        self.rows_served += served
+        return served
+
+    def serve_step(self, capacity: int) -> torch.Tensor:
+        """Every MoE layer of one step, in order, without a host sync: rows served as a 0-dim device tensor."""
+        rows = torch.zeros((), dtype=torch.long, device=self.device)
+        for layer in self.cfg.moe_layers:
+            rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity,
+                                    self.device)
         return rows

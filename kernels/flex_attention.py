@@ -37,6 +37,7 @@ Hq / Hkv heads, D head_dim. A position of -1 marks padding; padded query slots g
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from typing import Callable, NamedTuple
 
@@ -44,8 +45,17 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 
+# Eager flex is chosen on purpose for tiny checkpoints on CPU (see above); torch's advice to compile is noise there.
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+
+
 @cache
 def _compiled_flex() -> Callable:
+    # One compile per (B, Lq, Lk) bucket and pool: a server sees a few dozen (batch sizes x table widths), more
+    # than dynamo's default 8 recompiles, past which it would fall back to the unfused eager kernel.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return torch.compile(flex_attention, dynamic=False)
 
 

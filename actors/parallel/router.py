@@ -3,10 +3,13 @@
 The gate (top-k, sigmoid score) runs in the model; this moves the score-scaled rows. Rows are sorted by expert
 (which also sorts them by owning rank, since ranks own contiguous expert ranges) and go out with
 `all_to_all_single` (dispatch: a fixed-size block per expert rank, headed by the per-local-expert counts); the
-expert ranks run their grouped SwiGLU and send the results back with uneven splits (combine). Every rank joins
-both collectives of every MoE layer, also with zero rows.
+expert ranks run their grouped SwiGLU over every block at once and send each block back whole (combine: the
+same fixed size, `capacity` rows per block). Every rank joins both collectives of every MoE layer, also with
+zero rows. Every split is a plain number fixed by the step's capacity and every index is computed on the rows'
+device, so nothing reads a tensor's value on the host (no sync in the layer loop; NCCL and CUDA graphs).
 
-Shapes: N rows, H hidden, W world size, M the most experts any rank holds.
+Shapes: N rows, H hidden, W world size, M the most experts any rank holds, R expert ranks, A attention ranks,
+C capacity (rows per block).
 """
 
 from __future__ import annotations
@@ -17,27 +20,30 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from llama4serve.kernels.grouped_experts import expert_ids_from_counts
 from llama4serve.actors.model.experts import LocalExperts
 
 
 class ExpertLayout:
     """Which rank owns which experts: expert ranges `bounds[j]` live on rank `first_expert_rank + j`."""
 
-    def __init__(self, bounds: list[tuple[int, int]], first_expert_rank: int, world_size: int):
+    def __init__(self, bounds: list[tuple[int, int]], first_expert_rank: int, world_size: int,
+                 device: torch.device | str = "cpu"):
         self.bounds = bounds
         self.first_expert_rank = first_expert_rank
         self.world_size = world_size
         self.max_local = max(e1 - e0 for e0, e1 in bounds)
         num_experts = bounds[-1][1]
-        self.owner = torch.empty(num_experts, dtype=torch.long)  # [E] owning rank
-        self.local_index = torch.empty(num_experts, dtype=torch.long)  # [E] index within its owner
+        owner = torch.empty(num_experts, dtype=torch.long)  # [E] owning rank
+        local_index = torch.empty(num_experts, dtype=torch.long)  # [E] index within its owner
         for j, (e0, e1) in enumerate(bounds):
-            self.owner[e0:e1] = first_expert_rank + j
-            self.local_index[e0:e1] = torch.arange(e1 - e0)
+            owner[e0:e1] = first_expert_rank + j
+            local_index[e0:e1] = torch.arange(e1 - e0)
+        self.owner, self.local_index = owner.to(device), local_index.to(device)
 
     def count_matrix(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """Rows per (destination rank, its local expert): [W, M] int64."""
-        counts = torch.zeros(self.world_size * self.max_local, dtype=torch.long)
+        """Rows per (destination rank, its local expert): [W, M] int64, on the ids' device."""
+        counts = torch.zeros(self.world_size * self.max_local, dtype=torch.long, device=expert_ids.device)
         flat = self.owner[expert_ids] * self.max_local + self.local_index[expert_ids]
         counts.index_add_(0, flat, torch.ones_like(flat))
         return counts.view(self.world_size, self.max_local)
@@ -50,102 +56,104 @@ def header_rows(layout: ExpertLayout, hidden_size: int, dtype: torch.dtype) -> i
 
 
 def encode_counts(counts: torch.Tensor, rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """int counts [M] -> [rows, H] of `dtype` whose bytes are the int32 counts (collectives copy bytes)."""
-    raw = torch.zeros(rows * hidden_size * torch.empty(0, dtype=dtype).element_size(), dtype=torch.uint8)
-    raw[: 4 * counts.numel()] = counts.to(torch.int32).view(torch.uint8)
-    return raw.view(dtype).view(rows, hidden_size)
+    """int counts [..., M] -> [..., rows, H] of `dtype` whose bytes are the int32 counts (collectives copy
+    bytes)."""
+    lead, m = counts.shape[:-1], counts.shape[-1]
+    row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size()
+    raw = torch.zeros(*lead, rows * row_bytes, dtype=torch.uint8, device=counts.device)
+    raw[..., : 4 * m] = counts.to(torch.int32).view(torch.uint8)
+    return raw.view(dtype).view(*lead, rows, hidden_size)
 
 
 def decode_counts(header: torch.Tensor, num: int) -> torch.Tensor:
-    """Inverse of encode_counts: [rows, H] -> int64 counts [num]."""
-    return header.contiguous().view(-1).view(torch.uint8)[: 4 * num].view(torch.int32).long()
+    """Inverse of encode_counts: [..., rows, H] -> int64 counts [..., num]."""
+    lead = header.shape[:-2]
+    raw = header.contiguous().view(*lead, -1).view(torch.uint8)
+    return raw[..., : 4 * num].view(torch.int32).long()
 
 
 class Router:
     """Routed-experts stage of an attention rank: `start(layer, x, ids)` returns `finish() -> out`.
 
     Per MoE layer two collectives: dispatch sends each expert rank a fixed-size block (a header with the
-    per-local-expert counts, then up to `capacity` rows); combine brings back exactly the rows sent. The step's
-    capacity (most routed rows any attention rank has this step) comes from the engine, the same on every rank,
-    so no separate count exchange is needed.
+    per-local-expert counts, then `capacity` row slots, the first ones used); combine brings each block back
+    whole. The step's capacity (most routed rows any attention rank has this step) comes from the engine, the
+    same on every rank, so no separate count exchange is needed.
     """
 
-    def __init__(self, layout: ExpertLayout, hidden_size: int, moe_layers: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, layout: ExpertLayout, hidden_size: int, moe_layers: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         self.layout = layout
         self.hidden_size = hidden_size
         self.moe_layers = moe_layers
         self.dtype = dtype
+        self.device = torch.device(device)
         self.header_rows = header_rows(layout, hidden_size, dtype)
         self.exchange_seconds = 0.0  # from dispatch to combined results, incl. the expert ranks' compute
         self.exchanges = 0
 
-    def splits(self, capacity: int) -> list[int]:
-        """Rows this rank sends to each rank in a dispatch: a fixed block to every expert rank."""
+    def splits(self, rows_per_block: int) -> list[int]:
+        """Rows this rank exchanges with each rank: a fixed block with every expert rank, none with the others."""
         first = self.layout.first_expert_rank
-        return [0] * first + [self.header_rows + capacity] * (self.layout.world_size - first)
+        return [0] * first + [rows_per_block] * (self.layout.world_size - first)
 
     def start(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int
     ) -> Callable[[], torch.Tensor]:
         """x [N, H] score-scaled rows, expert_ids [N], capacity >= N -> finish() returning outputs [N, H]."""
         t0 = time.perf_counter()
-        layout, h = self.layout, self.hidden_size
-        order = torch.argsort(expert_ids, stable=True)
-        counts = layout.count_matrix(expert_ids)  # [W, M]
-        send_split = counts.sum(1).tolist()
-        x_sorted = x[order]
-        first = layout.first_expert_rank
-        block = self.header_rows + capacity
-        buf = x.new_zeros(layout.world_size - first, block, h)
-        start = 0
-        for j, rank in enumerate(range(first, layout.world_size)):
-            n = send_split[rank]
-            buf[j, : self.header_rows] = encode_counts(counts[rank], self.header_rows, h, x.dtype)
-            buf[j, self.header_rows : self.header_rows + n] = x_sorted[start : start + n]
-            start += n
-        zeros = [0] * layout.world_size
+        layout, h, n = self.layout, self.hidden_size, x.shape[0]
+        first, world = layout.first_expert_rank, layout.world_size
+        num_ranks, head = world - first, self.header_rows
+        order = torch.argsort(expert_ids, stable=True)  # [N] rows by expert, so by destination rank
+        counts = layout.count_matrix(expert_ids)[first:]  # [R, M]
+        per_rank = counts.sum(1)  # [R]
+        rank_sorted = layout.owner.index_select(0, expert_ids.index_select(0, order)) - first  # [N]
+        starts = per_rank.cumsum(0) - per_rank  # [R] first sorted row of each destination
+        within = torch.arange(n, device=x.device) - starts.index_select(0, rank_sorted)
+        slot = rank_sorted * capacity + within  # [N] row slot of each sorted row in the [R * C] blocks
+        rows = x.new_zeros(num_ranks * capacity, h).index_copy_(0, slot, x.index_select(0, order))  # [R * C, H]
+        buf = torch.cat([encode_counts(counts, head, h, x.dtype), rows.view(num_ranks, capacity, h)], dim=1)
+        zeros = [0] * world
         # Dispatch returns once the rows are sent; the caller computes the shared expert while the expert ranks
         # work, then `finish` collects the combine.
-        dist.all_to_all_single(x.new_empty(0, h), buf.view(-1, h), zeros, self.splits(capacity))
+        dist.all_to_all_single(x.new_empty(0, h), buf.view(-1, h), zeros, self.splits(head + capacity))
         self.exchange_seconds += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
             t1 = time.perf_counter()
-            back = x.new_empty(x.shape[0], h)
-            dist.all_to_all_single(back, x.new_empty(0, h), send_split, zeros)
+            back = x.new_empty(num_ranks * capacity, h)  # [R * C, H] every block, in dispatch order
+            dist.all_to_all_single(back, x.new_empty(0, h), self.splits(capacity), zeros)
             self.exchange_seconds += time.perf_counter() - t1
             self.exchanges += 1
-            out = torch.empty_like(back)
-            out[order] = back
-            return out
+            return torch.empty_like(x).index_copy_(0, order, back.index_select(0, slot))
 
         return finish
 
     def idle_step(self, capacity: int) -> None:
         """Joins every MoE layer's collectives with zero rows (a step in which this rank has no sequences)."""
-        empty_x = torch.empty(0, self.hidden_size, dtype=self.dtype)
-        empty_ids = torch.empty(0, dtype=torch.long)
+        empty_x = torch.empty(0, self.hidden_size, dtype=self.dtype, device=self.device)
+        empty_ids = torch.empty(0, dtype=torch.long, device=self.device)
         for layer in self.moe_layers:
             self.start(layer, empty_x, empty_ids, capacity)()
 
 
 def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hidden_size: int, dtype,
-                    capacity: int) -> int:
+                    capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """An expert rank's side of one MoE layer: receive each attention rank's block, run the grouped SwiGLU over
-    the rows, send each rank its results. Returns the number of rows served."""
+    every block at once (padding rows give zeros), send each block back whole. Returns the number of rows
+    served, a 0-dim tensor on `device` (reading it is the caller's sync, after the layer loop)."""
     first, world = layout.first_expert_rank, layout.world_size
     head = header_rows(layout, hidden_size, dtype)
     block = head + capacity
-    recv = torch.empty(first * block, hidden_size, dtype=dtype)
+    recv = torch.empty(first * block, hidden_size, dtype=dtype, device=device)
     zeros = [0] * world
-    dist.all_to_all_single(recv, torch.empty(0, hidden_size, dtype=dtype), [block] * first + [0] * (world - first), zeros)
+    empty = torch.empty(0, hidden_size, dtype=dtype, device=device)
+    dist.all_to_all_single(recv, empty, [block] * first + [0] * (world - first), zeros)
     recv = recv.view(first, block, hidden_size)
-    counts = [decode_counts(recv[a, :head], layout.max_local) for a in range(first)]  # [M] per source
-    per_source = [int(c.sum()) for c in counts]
-    rows = torch.cat([recv[a, head : head + n] for a, n in enumerate(per_source)])
-    # Within each source's block, rows are sorted by local expert: rebuild their expert ids from the counts.
-    local = torch.arange(layout.max_local).repeat(first)
-    expert_ids = torch.repeat_interleave(local, torch.cat(counts)) + experts.first_expert
-    out = experts(layer, rows, expert_ids)
-    dist.all_to_all_single(torch.empty(0, hidden_size, dtype=dtype), out, zeros, per_source + [0] * (world - first))
-    return rows.shape[0]
+    counts = decode_counts(recv[:, :head], layout.max_local)  # [A, M]
+    # Within each source's block, rows are sorted by local expert: their expert ids follow from the counts.
+    expert_ids = expert_ids_from_counts(counts, capacity, experts.first_expert)  # [A * C], -1 for padding
+    out = experts(layer, recv[:, head:].reshape(first * capacity, hidden_size), expert_ids)  # [A * C, H]
+    dist.all_to_all_single(empty, out, zeros, [capacity] * first + [0] * (world - first))
+    return counts.sum()

@@ -46,7 +46,8 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._owner: dict[int, AttentionReplica] = {}
         self.failure: str | None = None
-        self.data_plane = DataPlane(config, spec.dtype, spec.block_size, spec.num_full_blocks,
+        # dtype "auto" reaches the actors as is: bfloat16 on a GPU, the checkpoint's dtype on CPU
+        self.data_plane = DataPlane(config, config.dtype, spec.block_size, spec.num_full_blocks,
                                     spec.num_chunk_blocks, self.model_cfg.num_experts)
         self.replicas = [
             AttentionReplica(name, actor, blocks := spec.block_manager(),

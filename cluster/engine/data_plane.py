@@ -96,8 +96,13 @@ class Placement:
 def place(config: EngineConfig) -> Placement:
     """Reserves a bundle per actor, attention actors first (waits up to `placement_timeout_s` for Ray)."""
     gpus = config.num_gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if gpus is None:  # a GPU per actor when the cluster has them, unless it is asked to compute on CPU
+        gpus = 1.0 if config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if config.device == "cuda" and not gpus:
+        raise RuntimeError(
+            "device is 'cuda', but this Ray cluster has no GPUs for the actors (no CUDA device in "
+            f"{ray.cluster_resources()}); run on GPU nodes, set num_gpus_per_actor, or pass device='cpu'"
+        )
 
     def bundle(extra: dict[str, float]) -> dict[str, float]:
         return {"CPU": config.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **extra}
@@ -155,10 +160,11 @@ class DataPlane:
 
         for i in range(a):
             self.attention.append(options(AttentionActor, f"attention-{i}", i).remote(
-                config.model, dtype, num_full, num_chunk, block_size, attention_threads, bounds, a))
+                config.model, dtype, num_full, num_chunk, block_size, attention_threads, bounds, a,
+                device=config.device))
         for j in range(e):
             self.experts.append(options(ExpertShardActor, f"expert-{j}", a + j).remote(
-                config.model, dtype, bounds, j, expert_threads))
+                config.model, dtype, bounds, j, expert_threads, device=config.device))
         names = self.names()
         self.actor_info = dict(zip(names, self.gather([x.ready.remote() for x in self.attention + self.experts])))
         if e:
