@@ -13,72 +13,199 @@
  * Every output y[i, j] is accumulated over p = 0, 1, ..., k-1 in that order, whatever n, the row group or the
  * thread, and the activation is elementwise: the result for a row does not depend on the rest of the batch.
  *
- * Built with -O3 -mavx512f -mfma -fopenmp; the OpenMP threads are torch's (one libgomp in the process).
+ * Built with -O3 -mavx512f -mavx2 -mfma -fopenmp; the OpenMP threads are torch's (one libgomp in the process).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define NR 64 /* output columns per panel: 4 zmm */
 #define MR 6  /* rows of x per tile: 24 accumulators + 4 weight registers */
 
+/* A weight as the kernels take it: panels of one of three kinds (kernels/linear.py builds them).
+ *   PANEL_F32  data float [P, k, 64].
+ *   PANEL_FP8  data e4m3 bytes [P, k, 64]; scales [P * 64], the column scales times 256.
+ *   PANEL_INT4 data [P, k, 32] bytes, byte b of a row = column b (low nibble) | column b + 32 (high), each code + 8;
+ *              scales [P, k / group, 64].
+ * Quantized panels are dequantized to fp32 in registers as they stream by, so a batch-1 product reads a quarter
+ * (fp8) or an eighth (int4) of the float32 bytes. */
+enum { PANEL_F32 = 0, PANEL_FP8 = 1, PANEL_INT4 = 2 };
+typedef struct {
+    const void *data;
+    const float *scales;
+    int64_t kind, group;
+} Panels;
+
 /* Software prefetch into L2 some 32 KB ahead of the panel row being read: a decode GEMV over a 1-3 MB matrix
  * (one that ends before the hardware prefetcher ramps up) streams at about 29 instead of 25 GB/s here. */
-#define PREFETCH_ROWS 128
-static inline void prefetch_row(const float *row) {
-    for (int line = 0; line < NR * 4; line += 64) _mm_prefetch((const char *)row + line, _MM_HINT_T1);
+#define PREFETCH_BYTES 32768
+static inline void prefetch_lines(const void *at, int bytes) {
+    for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char *)at + PREFETCH_BYTES + line, _MM_HINT_T1);
 }
 
-#define TILE(I)                                                                                          \
-    static void tile##I(const float *x, int64_t ldx, int64_t k, const float *w, float *y, int64_t ldy,     \
-                        int64_t cols, const float *bias) {                                               \
-        __m512 a[I][4];                                                                                  \
-        for (int i = 0; i < I; i++)                                                                      \
-            for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();                                   \
-        for (int64_t p = 0; p < k; p++) {                                                                \
-            const float *wp = w + p * NR;                                                                \
-            prefetch_row(wp + PREFETCH_ROWS * NR);                                                    \
-            __m512 w0 = _mm512_loadu_ps(wp), w1 = _mm512_loadu_ps(wp + 16);                              \
-            __m512 w2 = _mm512_loadu_ps(wp + 32), w3 = _mm512_loadu_ps(wp + 48);                         \
-            for (int i = 0; i < I; i++) {                                                                \
-                __m512 b = _mm512_set1_ps(x[i * ldx + p]);                                               \
-                a[i][0] = _mm512_fmadd_ps(b, w0, a[i][0]);                                               \
-                a[i][1] = _mm512_fmadd_ps(b, w1, a[i][1]);                                               \
-                a[i][2] = _mm512_fmadd_ps(b, w2, a[i][2]);                                               \
-                a[i][3] = _mm512_fmadd_ps(b, w3, a[i][3]);                                               \
-            }                                                                                            \
-        }                                                                                                \
-        for (int j = 0; j < 4 && cols > 16 * j; j++) {                                                   \
-            int64_t left = cols - 16 * j;                                                                \
-            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);             \
-            __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();         \
-            for (int i = 0; i < I; i++)                                                                  \
-                _mm512_mask_storeu_ps(y + i * ldy + 16 * j, mask, _mm512_add_ps(a[i][j], bv));           \
-        }                                                                                                \
+/* 16 e4m3 bytes -> 16 floats, each 2^-8 times its value: the byte moved into fp16's bit positions (sign to bit
+ * 15, exponent and mantissa to bits 7..13) is an fp16 of 2^-8 times the e4m3 value, subnormals included, and
+ * vcvtph2ps converts it exactly. */
+static inline __m512 fp8x16(const uint8_t *p) {
+    const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 7);
+    return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
+}
+
+/* The 4 weight vectors of panel row p, columns 0-15, 16-31, 32-47, 48-63. */
+#define LOAD_F32(p)                                                                                     \
+    const float *wp = (const float *)W->data + (q * k + (p)) * NR;                                      \
+    prefetch_lines(wp, NR * 4);                                                                         \
+    __m512 w0 = _mm512_loadu_ps(wp), w1 = _mm512_loadu_ps(wp + 16);                                     \
+    __m512 w2 = _mm512_loadu_ps(wp + 32), w3 = _mm512_loadu_ps(wp + 48);
+#define LOAD_FP8(p)                                                                                     \
+    const uint8_t *bp = (const uint8_t *)W->data + (q * k + (p)) * NR;                                  \
+    prefetch_lines(bp, NR);                                                                             \
+    __m512 w0 = fp8x16(bp), w1 = fp8x16(bp + 16), w2 = fp8x16(bp + 32), w3 = fp8x16(bp + 48);
+#define LOAD_INT4(p)                                                                                    \
+    const uint8_t *bp = (const uint8_t *)W->data + (q * k + (p)) * (NR / 2);                            \
+    if (((p) & 1) == 0) prefetch_lines(bp, 64);                                                         \
+    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bp));                     \
+    const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp + 16)));               \
+    const __m512i lo = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);                            \
+    __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b0, lo), eight)), s0); \
+    __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b1, lo), eight)), s1); \
+    __m512 w2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b0, 4), eight)), s2); \
+    __m512 w3 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b1, 4), eight)), s3);
+
+/* y[I rows, cols] = x[I rows, k] @ panel q of W (+ bias); int4 rows are walked group by group, the group's 4 scale
+ * vectors in registers; fp8 column scales are applied once, at the end. */
+#define TILE(KIND, I)                                                                                   \
+    static void tile_##KIND##I(const float *x, int64_t ldx, int64_t k, const Panels *W, int64_t q,      \
+                               float *y, int64_t ldy, int64_t cols, const float *bias) {                \
+        __m512 a[I][4];                                                                                 \
+        for (int i = 0; i < I; i++)                                                                     \
+            for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();                                  \
+        const int64_t group = PANEL_##KIND == PANEL_INT4 ? W->group : k;                                \
+        for (int64_t g0 = 0; g0 < k; g0 += group) {                                                     \
+            __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                                 \
+            if (PANEL_##KIND == PANEL_INT4) {                                                           \
+                const float *sp = W->scales + (q * (k / group) + g0 / group) * NR;                      \
+                s0 = _mm512_loadu_ps(sp), s1 = _mm512_loadu_ps(sp + 16);                                \
+                s2 = _mm512_loadu_ps(sp + 32), s3 = _mm512_loadu_ps(sp + 48);                           \
+            }                                                                                           \
+            (void)s0, (void)s1, (void)s2, (void)s3;                                                     \
+            for (int64_t p = g0; p < g0 + group; p++) {                                                 \
+                LOAD_##KIND(p)                                                                          \
+                for (int i = 0; i < I; i++) {                                                           \
+                    __m512 b = _mm512_set1_ps(x[i * ldx + p]);                                          \
+                    a[i][0] = _mm512_fmadd_ps(b, w0, a[i][0]);                                          \
+                    a[i][1] = _mm512_fmadd_ps(b, w1, a[i][1]);                                          \
+                    a[i][2] = _mm512_fmadd_ps(b, w2, a[i][2]);                                          \
+                    a[i][3] = _mm512_fmadd_ps(b, w3, a[i][3]);                                          \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j = 0; j < 4 && cols > 16 * j; j++) {                                                  \
+            int64_t left = cols - 16 * j;                                                               \
+            __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);            \
+            __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();        \
+            __m512 sv = PANEL_##KIND == PANEL_FP8 ? _mm512_loadu_ps(W->scales + q * NR + 16 * j)        \
+                                                   : _mm512_set1_ps(1.0f);                              \
+            for (int i = 0; i < I; i++)                                                                 \
+                _mm512_mask_storeu_ps(y + i * ldy + 16 * j, mask, _mm512_fmadd_ps(a[i][j], sv, bv));    \
+        }                                                                                               \
     }
 
-TILE(1)
-TILE(2)
-TILE(3)
-TILE(4)
-TILE(5)
-TILE(6)
+#define TILES(KIND) TILE(KIND, 1) TILE(KIND, 2) TILE(KIND, 3) TILE(KIND, 4) TILE(KIND, 5) TILE(KIND, 6)
+TILES(F32)
+TILES(FP8)
+TILES(INT4)
+
+#define DISPATCH(KIND)                                                                                  \
+    switch (rows) {                                                                                     \
+        case 1: tile_##KIND##1(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                             \
+        case 2: tile_##KIND##2(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                             \
+        case 3: tile_##KIND##3(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                             \
+        case 4: tile_##KIND##4(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                             \
+        case 5: tile_##KIND##5(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                             \
+        default: tile_##KIND##6(xi, ldx, k, w, q, yi, ldy, cols, bq); break;                            \
+    }
+
+/* Batched products over quantized panels: a thread decodes panel q once into fp32 (exactly the vectors the
+ * quantized tiles compute, the fp8 column scale still to apply) and runs the float tiles over it for every row
+ * group, so the decoding is not repeated per 6 rows. Results equal the quantized tiles' bit for bit. */
+static __thread float *panel_buf;
+static __thread int64_t panel_cap, cached_q;
+static __thread const Panels *cached_w;
+
+static void decode_panel(const Panels *W, int64_t q, int64_t k, float *out) {
+    const int64_t group = W->kind == PANEL_INT4 ? W->group : k;
+    for (int64_t g0 = 0; g0 < k; g0 += group) {
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        if (W->kind == PANEL_INT4) {
+            const float *sp = W->scales + (q * (k / group) + g0 / group) * NR;
+            s0 = _mm512_loadu_ps(sp), s1 = _mm512_loadu_ps(sp + 16);
+            s2 = _mm512_loadu_ps(sp + 32), s3 = _mm512_loadu_ps(sp + 48);
+        }
+        for (int64_t p = g0; p < g0 + group; p++) {
+            float *o = out + p * NR;
+            if (W->kind == PANEL_INT4) {
+                LOAD_INT4(p)
+                _mm512_storeu_ps(o, w0), _mm512_storeu_ps(o + 16, w1);
+                _mm512_storeu_ps(o + 32, w2), _mm512_storeu_ps(o + 48, w3);
+            } else {
+                LOAD_FP8(p)
+                _mm512_storeu_ps(o, w0), _mm512_storeu_ps(o + 16, w1);
+                _mm512_storeu_ps(o + 32, w2), _mm512_storeu_ps(o + 48, w3);
+            }
+        }
+    }
+}
+
+static const float *decoded_panel(const Panels *w, int64_t q, int64_t k) {
+    if (cached_w != w || cached_q != q) {
+        if (panel_cap < k * NR) {
+            free(panel_buf);
+            panel_buf = (float *)aligned_alloc(64, (size_t)k * NR * sizeof(float));
+            panel_cap = k * NR;
+        }
+        decode_panel(w, q, k, panel_buf);
+        cached_w = w, cached_q = q;
+    }
+    return panel_buf;
+}
 
 /* One (panel, row group) task of y = x @ W: tasks are numbered panel-major, so a thread's consecutive tasks
  * reuse its panel. */
-static void linear_task(int64_t t, int64_t groups, const float *x, int64_t ldx, const float *w, const float *bias,
+static void linear_task(int64_t t, int64_t groups, const float *x, int64_t ldx, const Panels *w, const float *bias,
                         float *y, int64_t ldy, int64_t n, int64_t k, int64_t m) {
     const int64_t q = t / groups, i = (t % groups) * MR;
     const int64_t cols = m - q * NR < NR ? m - q * NR : NR, rows = n - i < MR ? n - i : MR;
-    const float *xi = x + i * ldx, *wq = w + q * k * NR, *bq = bias ? bias + q * NR : 0;
+    const float *xi = x + i * ldx;
+    const float *bq = bias ? bias + q * NR : 0;
     float *yi = y + i * ldy + q * NR;
-    switch (rows) {
-        case 1: tile1(xi, ldx, k, wq, yi, ldy, cols, bq); break;
-        case 2: tile2(xi, ldx, k, wq, yi, ldy, cols, bq); break;
-        case 3: tile3(xi, ldx, k, wq, yi, ldy, cols, bq); break;
-        case 4: tile4(xi, ldx, k, wq, yi, ldy, cols, bq); break;
-        case 5: tile5(xi, ldx, k, wq, yi, ldy, cols, bq); break;
-        default: tile6(xi, ldx, k, wq, yi, ldy, cols, bq); break;
+    if (w->kind != PANEL_F32 && n > MR) {
+        const Panels decoded = {decoded_panel(w, q, k), 0, PANEL_F32, 0}, *quantized = w;
+        const int is_fp8 = w->kind == PANEL_FP8;
+        if (is_fp8) bq = 0; /* bias after the column scale, below */
+        {
+            const Panels *w = &decoded;
+            const int64_t q = 0;
+            DISPATCH(F32)
+        }
+        if (is_fp8) /* y = acc * scale + bias, as the fp8 tile ends */
+            for (int j = 0; j < 4 && cols > 16 * j; j++) {
+                const int64_t left = cols - 16 * j;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + q * NR + 16 * j) : _mm512_setzero_ps();
+                const __m512 sv = _mm512_loadu_ps(quantized->scales + q * NR + 16 * j);
+                for (int64_t r = 0; r < rows; r++) {
+                    float *yr = yi + r * ldy + 16 * j;
+                    _mm512_mask_storeu_ps(yr, mask, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, yr), sv, bv));
+                }
+            }
+    } else if (w->kind == PANEL_FP8) {
+        DISPATCH(FP8)
+    } else if (w->kind == PANEL_INT4) {
+        DISPATCH(INT4)
+    } else {
+        DISPATCH(F32)
     }
 }
 
@@ -86,9 +213,10 @@ static int64_t num_tasks(int64_t n, int64_t m) { return ((m + NR - 1) / NR) * ((
 
 /* y[n, m] = x[n, k] @ W (+ bias) over the panels, rows of x ldx floats apart; the tasks are shared by the
  * threads of the enclosing parallel region. */
-static void linear_for(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t n, int64_t k,
+static void linear_for(const float *x, int64_t ldx, const Panels *w, const float *bias, float *y, int64_t n, int64_t k,
                        int64_t m) {
     const int64_t tasks = num_tasks(n, m), groups = (n + MR - 1) / MR;
+    cached_w = 0; /* every thread of the region passes here: no decoded panel outlives a call */
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; t++) linear_task(t, groups, x, ldx, w, bias, y, m, n, k, m);
 }
@@ -96,7 +224,7 @@ static void linear_for(const float *x, int64_t ldx, const float *w, const float 
 /* Threads only when there is enough work to pay for waking them. */
 #define WORTH_THREADS(tasks, k) ((tasks) * (k) >= 2048)
 
-void panel_linear_f32(const float *x, const float *w, const float *bias, float *y, int64_t n, int64_t k,
+void panel_linear_f32(const float *x, const Panels *w, const float *bias, float *y, int64_t n, int64_t k,
                       int64_t m) {
 #pragma omp parallel if (WORTH_THREADS(num_tasks(n, m), k))
     linear_for(x, k, w, bias, y, n, k, m);
@@ -169,12 +297,12 @@ typedef struct {
 
 typedef struct {
     const float *input_norm, *post_norm;      /* [H] */
-    const float *qkv, *qkv_bias;              /* panels [H, (Hq + 2 Hkv) D]; bias or NULL */
-    const float *o, *o_bias;                  /* panels [Hq D, H]; bias or NULL */
-    const float *router;                      /* panels [H, E], NULL for a dense layer */
-    const float *mlp_gate_up, *mlp_down;      /* shared expert (MoE layers) or dense MLP: panels */
-    const float *const *expert_gate_up;       /* [E] panels [H, 2 I] (MoE layers) */
-    const float *const *expert_down;          /* [E] panels [I, H] */
+    const Panels *qkv; const float *qkv_bias; /* panels [H, (Hq + 2 Hkv) D]; bias or NULL */
+    const Panels *o; const float *o_bias;     /* panels [Hq D, H]; bias or NULL */
+    const Panels *router;                     /* panels [H, E], NULL for a dense layer */
+    const Panels *mlp_gate_up, *mlp_down;     /* shared expert (MoE layers) or dense MLP: panels */
+    const Panels *const *expert_gate_up;      /* [E] panels [H, 2 I] (MoE layers) */
+    const Panels *const *expert_down;         /* [E] panels [I, H] */
     int64_t mlp_inter, expert_inter, num_experts;
     float *k_cache, *v_cache;                 /* this layer's pool: [slots, Hkv, D] */
     const int64_t *ctx_slots;                 /* every row's context slots, in position order, row after row */
@@ -185,7 +313,7 @@ typedef struct {
     int32_t qk_norm;                          /* L2-normalise q and k heads after RoPE */
 } DecodeLayer;
 
-static void swiglu_for(const float *x, const float *gate_up, const float *down, float *act, float *y, int64_t n,
+static void swiglu_for(const float *x, const Panels *gate_up, const Panels *down, float *act, float *y, int64_t n,
                        int64_t h, int64_t inter) {
     linear_for(x, h, gate_up, 0, act, n, h, 2 * inter);
 #pragma omp for schedule(static)
@@ -195,7 +323,7 @@ static void swiglu_for(const float *x, const float *gate_up, const float *down, 
 
 /* y[n, h] = (silu(x @ G) * (x @ U)) @ D: gate_up panels of [h, 2 * inter] (gate = first inter columns), down
  * panels of [inter, h]; scratch holds n * 2 * inter floats. One parallel region, three phases. */
-void swiglu_f32(const float *x, const float *gate_up, const float *down, float *scratch, float *y, int64_t n,
+void swiglu_f32(const float *x, const Panels *gate_up, const Panels *down, float *scratch, float *y, int64_t n,
                 int64_t h, int64_t inter) {
 #pragma omp parallel if (WORTH_THREADS(num_tasks(n, 2 * inter), h))
     swiglu_for(x, gate_up, down, scratch, y, n, h, inter);

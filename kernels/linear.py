@@ -13,13 +13,16 @@ Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder
 
 from __future__ import annotations
 
+import ctypes
 from functools import cache
 
 import torch
 
 from llama4serve.kernels import native
+from llama4serve.kernels.quant import FP8, INT4, QuantizedWeight
 
 _PANEL = 64  # output columns per panel (NR in cpu_kernels.c)
+_KIND = {"f32": 0, FP8: 1, INT4: 2}  # Panels.kind in cpu_kernels.c
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -29,16 +32,31 @@ def _panel_kernel():
     return None if lib is None else lib.panel_linear_f32
 
 
+class _Panels(ctypes.Structure):  # Panels in cpu_kernels.c, field for field
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("kind", ctypes.c_int64),
+                ("group", ctypes.c_int64)]
+
+
+def _to_panels(t: torch.Tensor) -> torch.Tensor:
+    """[K, M] -> [ceil(M / 64), K, 64], the last panel zero-padded."""
+    k, m = t.shape
+    padded = t.new_zeros(k, -(-m // _PANEL) * _PANEL)
+    padded[:, :m] = t
+    return padded.view(k, -1, _PANEL).transpose(0, 1).contiguous()
+
+
 class PanelWeight:
-    """A float32 weight [K, M] in the panel layout of `cpu_kernels.c`: panels [ceil(M / 64), K, 64]."""
+    """A float32 weight [K, M] in the panel layout of `cpu_kernels.c`: panels [ceil(M / 64), K, 64]. `ptr` is the
+    address of its `Panels` descriptor, what every native kernel takes as a weight."""
 
     def __init__(self, weight_t: torch.Tensor):
-        k, m = weight_t.shape
-        padded = torch.zeros(k, -(-m // _PANEL) * _PANEL, dtype=torch.float32)
-        padded[:, :m] = weight_t
-        self.panels = padded.view(k, -1, _PANEL).transpose(0, 1).contiguous()
-        self.shape = (k, m)
-        self.ptr = self.panels.data_ptr()  # a decode step makes dozens of calls: no per-call lookups
+        self.panels = _to_panels(weight_t.to(torch.float32))
+        self.shape = tuple(weight_t.shape)
+        self._describe(self.panels, None, "f32", 0)
+
+    def _describe(self, data: torch.Tensor, scales: torch.Tensor | None, kind: str, group: int) -> None:
+        self.desc = _Panels(data.data_ptr(), None if scales is None else scales.data_ptr(), _KIND[kind], group)
+        self.ptr = ctypes.addressof(self.desc)  # a decode step makes dozens of calls: no per-call lookups
 
     def to_dense(self) -> torch.Tensor:
         k, m = self.shape
@@ -52,6 +70,39 @@ class PanelWeight:
             _panel_kernel()(rows.data_ptr(), self.ptr, None if bias is None else bias.contiguous().data_ptr(),
                             out.data_ptr(), rows.shape[0], k, m)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], m)
+
+
+class QuantPanelWeight(PanelWeight):
+    """A `QuantizedWeight` in the panel layout, dequantized to float32 in registers by the native kernels.
+
+    fp8: codes [P, K, 64] uint8; scales [P * 64] float32, each times 256 (the kernel decodes e4m3 through fp16,
+    which gives 2^-8 of the value). int4: [P, K, 32] uint8, byte b of a row holding column b (low nibble) and
+    column b + 32 (high), each + 8; scales [P, G, 64] float32."""
+
+    def __init__(self, weight: QuantizedWeight):
+        self.quantized, self.shape = weight, weight.shape
+        k, m = weight.shape
+        if weight.scheme == FP8:
+            self.panels = _to_panels(weight.codes.view(torch.uint8))
+            scales = torch.zeros(self.panels.shape[0] * _PANEL)
+            scales[:m] = weight.scales * 256.0
+        else:
+            nib = _to_panels((weight.int_codes() + 8).to(torch.uint8))  # [P, K, 64]
+            self.panels = (nib[..., :32] | (nib[..., 32:] << 4)).contiguous()
+            scales = _to_panels(weight.scales)  # [P, G, 64]
+        self.scales = scales
+        self._describe(self.panels, scales, weight.scheme, weight.group_size)
+        weight.codes, weight.scales = weight.codes[:0], weight.scales[:0]  # the panels are all that is kept
+
+    def to_dense(self) -> torch.Tensor:
+        k, m = self.shape
+        if self.quantized.scheme == FP8:
+            codes = self.panels.view(torch.float8_e4m3fn).float().transpose(0, 1).reshape(k, -1)[:, :m]
+            return codes * (self.scales[:m] / 256.0)
+        nib = torch.cat([self.panels & 0xF, self.panels >> 4], dim=-1).to(torch.int8) - 8  # [P, K, 64]
+        codes = nib.float().transpose(0, 1).reshape(k, -1)[:, :m]
+        return codes * self.scales.transpose(0, 1).reshape(self.scales.shape[1], -1)[:, :m].repeat_interleave(
+            self.quantized.group_size, dim=0)
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,9 +125,15 @@ def panel_swiglu(x: torch.Tensor, gate_up: PanelWeight, down: PanelWeight) -> to
     return out if x.dim() == 2 else out.view(*x.shape[:-1], h)
 
 
-def pack_weight(weight_t: torch.Tensor) -> torch.Tensor | PanelWeight:
+def pack_weight(weight_t, dtype: torch.dtype | None = None):
     """weight_t [K, M] input-major -> the weight `linear` takes: a `PanelWeight` for float32 on CPUs with the
-    native kernel, a oneDNN-blocked [M, K] tensor on other CPUs, else weight_t made contiguous."""
+    native kernel, a oneDNN-blocked [M, K] tensor on other CPUs, else weight_t made contiguous.
+
+    A `QuantizedWeight` stays quantized: a `QuantPanelWeight` where the native kernel runs and the compute dtype
+    is float32, else itself (`linear` dequantizes it per call)."""
+    if isinstance(weight_t, QuantizedWeight):
+        native_ok = _panel_kernel() is not None and dtype in (None, torch.float32) and weight_t.codes.is_cpu
+        return QuantPanelWeight(weight_t) if native_ok else weight_t
     if weight_t.device.type != "cpu":
         return weight_t.contiguous()
     if weight_t.dtype == torch.float32 and _panel_kernel() is not None:
@@ -90,6 +147,8 @@ def unpack_weight(weight: torch.Tensor | PanelWeight) -> torch.Tensor:
     """The inverse of `pack_weight`: a plain input-major [K, M] tensor."""
     if isinstance(weight, PanelWeight):
         return weight.to_dense()
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize()
     return weight.to_dense().t() if weight.is_mkldnn else weight
 
 
@@ -97,6 +156,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PanelWeight, bias: torch.Tens
     """x [..., K] @ weight (from `pack_weight`, or a plain [K, M] tensor) (+ bias [M]) -> [..., M]."""
     if isinstance(weight, PanelWeight):
         return weight(x, bias)
+    if isinstance(weight, QuantizedWeight):  # the torch path: dequantized for this one product
+        weight = weight.dequantize(x.dtype).to(x.device)
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:

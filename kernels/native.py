@@ -24,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 _BUILD_TIMEOUT_S = 120.0
 
 

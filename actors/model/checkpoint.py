@@ -57,13 +57,17 @@ class CheckpointReader:
     def shape(self, name: str) -> list[int]:
         return list(self._handle(name).get_slice(name).get_shape())
 
-    def get(self, name: str, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """The whole tensor `name`, cast to `dtype`; checks `shape` when given."""
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype as safetensors names it ("F32", "BF16", "F8_E4M3", "I32", ...), from the header."""
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def get(self, name: str, dtype: torch.dtype | None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor `name`, cast to `dtype` (None: as stored); checks `shape` when given."""
         tensor = self._handle(name).get_tensor(name)
         return self._finish(name, tensor, dtype, shape)
 
     def get_rows(
-        self, name: str, start: int, stop: int, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+        self, name: str, start: int, stop: int, dtype: torch.dtype | None, shape: tuple[int, ...] | None = None
     ) -> torch.Tensor:
         """Rows [start, stop) of the first axis of `name` (e.g. experts [e0, e1)), read without the other rows."""
         tensor = self._handle(name).get_slice(name)[start:stop]
@@ -75,7 +79,7 @@ class CheckpointReader:
             raise ValueError(
                 f"{self.model_dir}: tensor {name!r} has shape {tuple(tensor.shape)}; config.json implies {tuple(shape)}"
             )
-        return tensor.to(dtype).contiguous()
+        return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
     def close(self) -> None:
         self._handles.clear()

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from llama4serve.kernels.linear import pack_weight, unpack_weight
+from llama4serve.kernels import native
+from llama4serve.kernels.grouped_experts import grouped_swiglu_mm
+from llama4serve.kernels.linear import unpack_weight
 from llama4serve.kernels.moe import grouped_swiglu
 from llama4serve.actors.model.checkpoint import TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
+from llama4serve.actors.model.quantized import load_quant_format, read_experts
 
 
 def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
@@ -24,40 +27,68 @@ def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
     return bounds
 
 
-class LocalExperts:
-    """Expert weights of one shard, per MoE layer and local expert: gate_up [H, 2I] and down [I, H], each packed
-    for `kernels.linear.linear`."""
+def portable_path(device: torch.device | str) -> bool:
+    """Whether the actors compute with torch's own kernels (flex_attention, grouped_mm, no host sync in the
+    layer loop): on every GPU, and on CPU when the native kernels are off (LLAMA4SERVE_NATIVE_KERNELS=0)."""
+    return torch.device(device).type != "cpu" or native.cpu_kernels() is None
 
-    def __init__(self, cfg: ModelConfig, reader: CheckpointReader, first_expert: int, last_expert: int, dtype):
+
+class LocalExperts:
+    """Expert weights of one shard, per MoE layer. Portable path (`portable_path(device)`): stacked
+    gate_up [E_local, H, 2I] and down [E_local, I, H] on `device` for `grouped_swiglu_mm`. CPU fast path: per
+    local expert, each packed for `kernels.linear.linear`."""
+
+    def __init__(self, cfg: ModelConfig, reader: CheckpointReader, first_expert: int, last_expert: int, dtype,
+                 device: torch.device | str = "cpu"):
         self.first_expert = first_expert
         self.num_local_experts = last_expert - first_expert
-        n, h, i = self.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.portable = portable_path(device)
+        self.stacked_gate_up: dict[int, torch.Tensor] = {}
+        self.stacked_down: dict[int, torch.Tensor] = {}
+        h, i = cfg.hidden_size, cfg.intermediate_size
         self.packed_gate_up: dict[int, list[torch.Tensor]] = {}
         self.packed_down: dict[int, list[torch.Tensor]] = {}
+        quant = load_quant_format(reader.model_dir)
         for layer in cfg.moe_layers:
-            name = f"{TEXT_PREFIX}layers.{layer}.feed_forward.experts."
-            total = reader.shape(name + "gate_up_proj")[0]
-            if total != cfg.num_experts:
-                raise ValueError(
-                    f"{name}gate_up_proj holds {total} experts; config.json says num_local_experts={cfg.num_experts}"
-                )
-            gate_up = reader.get_rows(name + "gate_up_proj", first_expert, last_expert, dtype, (n, h, 2 * i))
-            down = reader.get_rows(name + "down_proj", first_expert, last_expert, dtype, (n, i, h))
-            self.packed_gate_up[layer] = [pack_weight(w) for w in gate_up]
-            self.packed_down[layer] = [pack_weight(w) for w in down]
+            name = f"{TEXT_PREFIX}layers.{layer}.feed_forward.experts"
+            if reader.has(name + ".gate_up_proj") and reader.shape(name + ".gate_up_proj")[0] != cfg.num_experts:
+                raise ValueError(f"{name}.gate_up_proj holds {reader.shape(name + '.gate_up_proj')[0]} experts; "
+                                 f"config.json says num_local_experts={cfg.num_experts}")
+            gate_up, down = read_experts(reader, quant, name, first_expert, last_expert, cfg.num_experts, h, i,
+                                         dtype, packed=not self.portable)
+            if self.portable:  # [E_local, H, 2I], [E_local, I, H] on the device (quantized: dequantized here)
+                self.stacked_gate_up[layer] = gate_up.to(device)
+                self.stacked_down[layer] = down.to(device)
+            else:
+                self.packed_gate_up[layer], self.packed_down[layer] = gate_up, down
 
     @property
     def gate_up(self) -> dict[int, torch.Tensor]:
         """Plain [E_local, H, 2I] per MoE layer, rebuilt from the packed weights (for inspection)."""
+        if self.portable:
+            return self.stacked_gate_up
         return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_gate_up.items()}
 
     @property
     def down(self) -> dict[int, torch.Tensor]:
         """Plain [E_local, I, H] per MoE layer, rebuilt from the packed weights (for inspection)."""
+        if self.portable:
+            return self.stacked_down
         return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_down.items()}
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """x [N, H] rows already scaled by their router score, expert_ids [N] global -> [N, H]."""
+        """x [N, H] rows already scaled by their router score, expert_ids [N] global -> [N, H]; rows whose id is
+        not one of this shard's experts (-1: padding of a dispatch block) give zeros."""
+        if self.portable:
+            return grouped_swiglu_mm(x, expert_ids, self.stacked_gate_up[layer], self.stacked_down[layer],
+                                     self.first_expert)
+        local = expert_ids - self.first_expert
+        mine = (local >= 0) & (local < self.num_local_experts)
+        if not bool(mine.all()):  # CPU fast path only: a host sync is cheap here
+            out = torch.zeros_like(x)
+            keep = mine.nonzero().squeeze(1)
+            out[keep] = self(layer, x[keep], expert_ids[keep])
+            return out
         return grouped_swiglu(x, expert_ids, self.packed_gate_up[layer], self.packed_down[layer], self.first_expert)
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from llama4serve.kernels.attention import batched_attention
+from llama4serve.kernels.flex_attention import BlockMask, PagedPlan, flex_attention_padded, paged_flex_attention
 from llama4serve.kernels.linear import linear, pack_weight
 from llama4serve.kernels.moe import route_topk, swiglu
 from llama4serve.kernels.norms import l2_norm, rms_norm
 from llama4serve.kernels.rope import apply_rope
 from llama4serve.actors.model.checkpoint import LM_HEAD, TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
+from llama4serve.actors.model.quantized import load_quant_format, read_linear
 from llama4serve.actors.runner.kv_cache import KVCache
 from llama4serve.actors.model.weights import text_weight_shapes
 
@@ -38,13 +39,18 @@ class PoolView:
     """Where a step reads and writes one KV pool. ctx_slots [B, Lc] context slots to read; mask [B, Lq, Lc + Lq]
     (additive) over (context, then the step's own tokens); write_rows [N] token indices whose k/v go to
     write_slots [N]. When every token is written (write_rows None), key_slots [B, Lc + Lq] are the slots of
-    (context, then the step's own tokens): the layer writes first and reads all its keys in one gather."""
+    (context, then the step's own tokens): the layer writes first and reads all its keys in one gather.
+    Portable path (flex_attention): `plan` when every token is written (the layer writes, then reads the pool
+    through the plan; ctx_slots and mask unused), else `block_mask` over (context, then own tokens) in place
+    of `mask`."""
 
-    ctx_slots: torch.Tensor
-    mask: torch.Tensor
+    ctx_slots: torch.Tensor | None
+    mask: torch.Tensor | None
     write_rows: torch.Tensor | None
     write_slots: torch.Tensor
     key_slots: torch.Tensor | None = None
+    plan: PagedPlan | None = None
+    block_mask: BlockMask | None = None
 
 
 @dataclass
@@ -59,6 +65,7 @@ class StepMeta:
     temp_scales: torch.Tensor | None  # [T] NoPE query scales
     pools: dict[str, PoolView]
     moe_capacity: int = 0
+    flex_compiled: bool = False  # portable path: torch.compile'd flex_attention (CUDA), else eager (CPU)
 
 
 def _pad(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
@@ -69,19 +76,27 @@ def _pad(x: torch.Tensor, meta: StepMeta) -> torch.Tensor:
 
 
 class Llama4TextModel:
-    def __init__(self, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype, routed: RoutedExperts):
+    def __init__(self, cfg: ModelConfig, reader: CheckpointReader, dtype: torch.dtype, routed: RoutedExperts,
+                 device: torch.device | str = "cpu"):
         self.cfg = cfg
+        self.device = torch.device(device)
         self.dtype = dtype
         self.routed = routed
         shapes = text_weight_shapes(cfg)
         p = TEXT_PREFIX
 
         def get(name: str) -> torch.Tensor:
-            return reader.get(p + name, dtype, shapes[p + name])
+            return reader.get(p + name, dtype, shapes[p + name]).to(device)  # one tensor at a time
+
+        quant = load_quant_format(reader.model_dir)  # None for a float checkpoint
+
+        def lin(*modules: str):  # linears [out, in] fused along outputs -> packed [in, sum(out)], kept quantized
+            names = [p + m for m in modules]
+            return read_linear(reader, quant, names, [shapes[n + ".weight"] for n in names], dtype, device)
 
         self.embed = get("embed_tokens.weight")  # [V, H], rows looked up
         self.norm = get("norm.weight")
-        lm_head = self.embed if cfg.tie_word_embeddings else reader.get(LM_HEAD, dtype, shapes[LM_HEAD])
+        lm_head = self.embed if cfg.tie_word_embeddings else reader.get(LM_HEAD, dtype, shapes[LM_HEAD]).to(device)
         self.lm_head_t = pack_weight(lm_head.t())  # [H, V]
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(cfg.num_hidden_layers):
@@ -91,8 +106,8 @@ class Llama4TextModel:
             w = {
                 "input_norm": get(f"layers.{i}.input_layernorm.weight"),
                 "post_norm": get(f"layers.{i}.post_attention_layernorm.weight"),
-                "qkv": pack_weight(torch.cat([get(f"{a}{n}_proj.weight") for n in "qkv"]).t()),  # [H, (Hq+2Hkv)D]
-                "o": pack_weight(get(a + "o_proj.weight").t()),  # [Hq*D, H]
+                "qkv": lin(*[f"{a}{n}_proj" for n in "qkv"]),  # [H, (Hq+2Hkv)D]
+                "o": lin(a + "o_proj"),  # [Hq*D, H]
             }
             if cfg.attention_bias:
                 w["qkv_bias"] = torch.cat([get(f"{a}{n}_proj.bias") for n in "qkv"])
@@ -100,8 +115,8 @@ class Llama4TextModel:
             mlp = f + "shared_expert." if cfg.is_moe_layer(i) else f
             if cfg.is_moe_layer(i):
                 w["router"] = pack_weight(get(f + "router.weight").t())  # [H, E]
-            w["mlp_gate_up"] = pack_weight(torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")]).t())
-            w["mlp_down"] = pack_weight(get(mlp + "down_proj.weight").t())  # [I, H]
+            w["mlp_gate_up"] = lin(mlp + "gate_proj", mlp + "up_proj")  # [H, 2I]
+            w["mlp_down"] = lin(mlp + "down_proj")  # [I, H]
             self.layers.append(w)
 
     def forward(self, token_ids: torch.Tensor, meta: StepMeta, kv: KVCache,
@@ -110,7 +125,7 @@ class Llama4TextModel:
         replace the embeddings of those <|patch|> rows (Llama4ForConditionalGeneration's masked_scatter)."""
         x = self.embed[token_ids]  # [T, H]
         if image_embeds is not None:
-            x[image_embeds[0]] = image_embeds[1].to(x.dtype)
+            x[image_embeds[0]] = image_embeds[1].to(x.device, x.dtype)
         for i, w in enumerate(self.layers):
             x += self.attention(i, w, rms_norm(x, w["input_norm"], self.cfg.rms_norm_eps), meta, kv)
             x += self.feed_forward(i, w, rms_norm(x, w["post_norm"], self.cfg.rms_norm_eps), meta.moe_capacity)
@@ -135,6 +150,10 @@ class Llama4TextModel:
             q = (q * meta.temp_scales[:, None, None]).to(q.dtype)
 
         view = meta.pools[kv.pool_of(i)]
+        if view.plan is not None:  # portable path, every key in the pool once this step's are written
+            kv.write(i, view.write_slots, k, v)
+            out = paged_flex_attention(q, kv.layer_k[i], kv.layer_v[i], view.plan, d**-0.5, meta.flex_compiled)
+            return linear(out.reshape(t, hq * d), w["o"], w.get("o_bias"))  # [T, H]
         if view.key_slots is not None:
             kv.write(i, view.write_slots, k, v)
             keys, values = kv.read(i, view.key_slots)  # [B, Lc + Lq, Hkv, D]
@@ -144,7 +163,10 @@ class Llama4TextModel:
             values = torch.cat([ctx_v, _pad(v, meta)], dim=1)
             if view.write_rows.numel():
                 kv.write(i, view.write_slots, k[view.write_rows], v[view.write_rows])
-        out = batched_attention(_pad(q, meta), keys, values, view.mask, d**-0.5)  # [B, Lq, Hq, D]
+        if view.block_mask is not None:  # portable path across a chunk boundary: own keys after the context
+            out = flex_attention_padded(_pad(q, meta), keys, values, view.block_mask, d**-0.5, meta.flex_compiled)
+        else:
+            out = batched_attention(_pad(q, meta), keys, values, view.mask, d**-0.5)  # [B, Lq, Hq, D]
         out = out.reshape(-1, cfg.num_attention_heads * d)  # [B*Lq, Hq*D]
         if meta.unpad_index is not None:
             out = out[meta.unpad_index]  # [T, Hq*D]

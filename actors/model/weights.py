@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from llama4serve.actors.model.checkpoint import LM_HEAD, TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
+from llama4serve.actors.model.quantized import check_experts, check_linear, load_quant_format
 
 
 def text_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -38,8 +39,18 @@ def text_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint(cfg: ModelConfig, reader: CheckpointReader) -> None:
-    """Raises ValueError naming the first missing or mis-shaped tensor (reads only the shard headers)."""
+    """Raises ValueError naming the first missing or mis-shaped tensor (reads only the shard headers). Linear
+    weights and experts of a quantized checkpoint are checked in the layout its quantization_config implies."""
+    fmt = load_quant_format(reader.model_dir)
     for name, shape in text_weight_shapes(cfg).items():
+        if fmt is not None and name.endswith("experts.gate_up_proj"):
+            check_experts(reader, fmt, name[: -len(".gate_up_proj")], shape[0], shape[1], shape[2] // 2)
+            continue
+        if fmt is not None and name.endswith("experts.down_proj"):
+            continue
+        if fmt is not None and name.endswith("_proj.weight"):
+            check_linear(reader, fmt, name[: -len(".weight")], shape)
+            continue
         if not reader.has(name):
             raise ValueError(f"{reader.model_dir}: tensor {name!r} is missing from the checkpoint")
         found = tuple(reader.shape(name))

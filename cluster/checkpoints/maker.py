@@ -26,6 +26,7 @@ from llama4serve.actors.model.config import parse_model_config, parse_vision_con
 from llama4serve.actors.model.vision_model import vision_weight_shapes
 from llama4serve.actors.model.weights import text_weight_shapes
 from llama4serve.cluster.checkpoints.presets import PRESETS, get_preset
+from llama4serve.cluster.checkpoints.quantize import SCHEMES, quantization_config, quantize_tensors
 from llama4serve.cluster.checkpoints.tokenizer_files import write_tokenizer_files
 
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose file layout these files mirror
@@ -133,17 +134,20 @@ def processor_config(config: dict) -> dict:
 
 
 def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, dtype: str = "float32",
-                     max_shard_bytes: int | None = None) -> Path:
+                     max_shard_bytes: int | None = None, quantize: str | None = None) -> Path:
     """Write a random checkpoint of ``preset`` into ``out_dir`` (created if needed) and return its path.
 
     ``dtype`` is the stored weight type (float32, bfloat16, float16); ``max_shard_bytes`` caps a shard's size
     (default: a quarter of the model, so every preset gets several shards). Same seed, same bytes.
+    ``quantize`` ("fp8" | "int4"): the same random weights, quantized in the released layout of that scheme
+    (cluster/checkpoints/quantize.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = get_preset(preset)
+    qc = quantization_config(quantize, config) if quantize else None
     torch_dtype = DTYPES[dtype]
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
     specs = tensor_specs(config)
@@ -155,15 +159,20 @@ def write_checkpoint(out_dir: str | Path, preset: str, seed: int = 0, dtype: str
     for index, shard in enumerate(shards, start=1):
         filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
         tensors = {spec.name: _make_tensor(spec, seed, torch_dtype) for spec in shard}
+        if qc:
+            tensors = quantize_tensors(tensors, qc)
         save_file(tensors, str(out / filename), metadata={"format": "pt"})
         (out / filename).chmod(0o644)  # safetensors creates files readable by the owner only
         weight_map.update(dict.fromkeys(tensors, filename))
     total_parameters = sum(s.numel for s in specs)
-    index_json = {"metadata": {"total_parameters": total_parameters, "total_size": total_parameters * itemsize},
+    total_size = sum((out / f).stat().st_size for f in set(weight_map.values())) if qc else total_parameters * itemsize
+    index_json = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
                   "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
     config["dtype"] = dtype
+    if qc:
+        config["quantization_config"] = qc
     config["transformers_version"] = TRANSFORMERS_VERSION
     (out / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
@@ -185,16 +194,19 @@ def add_checkpoint_subcommand(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored weight dtype")
     parser.add_argument("--max-shard-bytes", type=int, default=None,
                         help="largest safetensors shard in bytes (default: about a quarter of the model)")
+    parser.add_argument("--quantize", default=None, choices=SCHEMES,
+                        help="the same weights quantized as released: fp8 (Meta's fbgemm_fp8) or int4 "
+                             "(compressed-tensors W4A16)")
     parser.set_defaults(func=main_checkpoint)
 
 
 def main_checkpoint(args: argparse.Namespace) -> int:
     """Run the ``checkpoint`` subcommand; prints where the checkpoint went and its size."""
     out = write_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype,
-                           max_shard_bytes=args.max_shard_bytes)
+                           max_shard_bytes=args.max_shard_bytes, quantize=args.quantize)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     meta = index["metadata"]
     shards = len(set(index["weight_map"].values()))
     print(f"wrote {args.preset} ({meta['total_parameters']:,} parameters, {meta['total_size']:,} bytes "
-          f"in {shards} shards, {args.dtype}) to {out}")
+          f"in {shards} shards, {args.dtype}{', ' + args.quantize if args.quantize else ''}) to {out}")
     return 0

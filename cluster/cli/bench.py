@@ -203,11 +203,12 @@ def add_bench_subcommand(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--suite", default="decode", choices=["decode", "concurrency", "expert-parallel"],
+    p.add_argument("--suite", default="decode", choices=["decode", "concurrency", "expert-parallel", "quantized"],
                    help="decode: batch-1 decode vs transformers and the bandwidth floor; "
                         "concurrency: --concurrency streamed requests vs transformers generate on one batch, "
                         "with time to first token and inter-token latency; "
-                        "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts")
+                        "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts; "
+                        "quantized: batch-1 and batch-32 decode in fp32, bf16, fp8 and int4 with bytes per step")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--trials", type=int, default=5, help="decode suite: bandwidth + decode measurements")
     p.add_argument("--num-scheduler-steps", type=int, default=8,
@@ -226,6 +227,11 @@ def main_bench(args: argparse.Namespace) -> int:
         return 0
     if args.suite == "concurrency":
         concurrency_suite(model_dir, prompts, args)
+        return 0
+    if args.suite == "quantized":
+        from llama4serve.cluster.cli.bench_quantized import quantized_suite
+
+        quantized_suite(model_dir, args.preset, prompts, args)
         return 0
     decode_suite(model_dir, cfg, prompts[0], args)
     return 0

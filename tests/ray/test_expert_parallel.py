@@ -65,7 +65,7 @@ def test_shard_reads_only_its_experts(tmp_path):
         share = total * (e1 - e0) / cfg.num_experts
         assert reader.bytes_read <= 1.1 * share, (reader.bytes_read, share)
         # and exactly the right experts: equal to the same rows of the full tensor
-        full = CheckpointReader(path).get(f"language_model.model.layers.0.feed_forward.experts.gate_up_proj", torch.float32)
+        full = CheckpointReader(path).get("language_model.model.layers.0.feed_forward.experts.gate_up_proj", torch.float32)
         assert torch.equal(experts.gate_up[0], full[e0:e1])
 
 
