@@ -12,7 +12,7 @@ import torch
 
 from llama4serve.kernels.device import resolve_device
 from llama4serve.actors.step_io import SeqOutput, StepBatch
-from llama4serve.actors.model.checkpoint import CheckpointReader
+from llama4serve.actors.model.checkpoint import DTYPES, CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
 from llama4serve.actors.runner.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
@@ -23,7 +23,6 @@ from llama4serve.actors.runner.model_runner import ModelRunner
 from llama4serve.actors.parallel.process_group import join, master_address
 from llama4serve.actors.parallel.router import ExpertLayout, Router
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ray_gpu_ids() -> list:

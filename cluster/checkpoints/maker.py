@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llama4serve.actors.model.checkpoint import DTYPES
 from llama4serve.actors.model.config import parse_model_config, parse_vision_config
 from llama4serve.actors.model.vision_model import vision_weight_shapes
 from llama4serve.actors.model.weights import text_weight_shapes
@@ -30,7 +31,6 @@ from llama4serve.cluster.checkpoints.quantize import SCHEMES, quantization_confi
 from llama4serve.cluster.checkpoints.tokenizer_files import write_tokenizer_files
 
 TRANSFORMERS_VERSION = "5.23.0"  # the version whose file layout these files mirror
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
