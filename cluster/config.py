@@ -23,6 +23,11 @@ class EngineOptions(BaseModel):
         "is none), 'cpu', or 'auto' (cuda when Ray assigned the actor GPUs, else cpu). With dtype 'auto', a GPU "
         "runs bfloat16.",
     )
+    cuda_graph_batch_sizes: tuple[int, ...] = Field(
+        (1, 2, 4, 8, 16, 32, 64),
+        description="Decode batch sizes captured as CUDA graphs on GPU actors holding all experts (a step runs as "
+        "the smallest that fits; larger steps run eagerly); () turns CUDA graphs off.",
+    )
     block_size: int | None = Field(
         None, ge=1, le=1024,
         description="Tokens per KV block; must divide attention_chunk_size. Default: the largest of 16, 8, 4, 2, 1 "

@@ -161,7 +161,7 @@ class DataPlane:
         for i in range(a):
             self.attention.append(options(AttentionActor, f"attention-{i}", i).remote(
                 config.model, dtype, num_full, num_chunk, block_size, attention_threads, bounds, a,
-                device=config.device))
+                device=config.device, cuda_graph_batch_sizes=config.cuda_graph_batch_sizes))
         for j in range(e):
             self.experts.append(options(ExpertShardActor, f"expert-{j}", a + j).remote(
                 config.model, dtype, bounds, j, expert_threads, device=config.device))
