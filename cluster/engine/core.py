@@ -100,7 +100,14 @@ class EngineCore:
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that gained tokens or finished in it."""
         plan, refs = self._launch()
-        return self._apply(plan, self._checked(self.data_plane.gather, refs)) if refs else []
+        if not refs:
+            return []
+        try:
+            results = self.data_plane.gather(refs)
+        except DataPlaneError as err:
+            self.fail(err)
+            raise
+        return self._apply(plan, results)
 
     async def step_async(self) -> list[Sequence]:
         """`step` for an asyncio caller: awaits the actors instead of blocking the event loop."""
@@ -113,13 +120,6 @@ class EngineCore:
             self.fail(err)
             raise
         return self._apply(plan, results)
-
-    def _checked(self, gather, refs: list) -> list:
-        try:
-            return gather(refs)
-        except DataPlaneError as err:
-            self.fail(err)
-            raise
 
     def _launch(self) -> tuple[list, list]:
         """Schedules a step on every attention actor and starts it; ([(replica, scheduled, steps)], refs)."""
