@@ -46,11 +46,19 @@ static inline void prefetch_lines(const void *at, int bytes) {
 
 /* 16 e4m3 bytes -> 16 floats, each 2^-8 times its value: the byte moved into fp16's bit positions (sign to bit
  * 15, exponent and mantissa to bits 7..13) is an fp16 of 2^-8 times the e4m3 value, subnormals included, and
- * vcvtph2ps converts it exactly. */
+ * vcvtph2ps converts it exactly. Sign-extending the byte to 16 bits and shifting by 7 puts the sign in bits 14
+ * and 15; one AND clears bit 14 (three integer ops per 16 weights). */
 static inline __m512 fp8x16(const uint8_t *p) {
-    const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p)), 7);
-    return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
+    const __m256i t = _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p)), 7);
+    return _mm512_cvtph_ps(_mm256_and_si256(t, _mm256_set1_epi16((short)0xBFFF)));
 }
+
+/* -8 x the group's scales: an int4 weight (c - 8) * s is computed as fma(c, s, -8 s), exactly the same float
+ * (8 s is exact, and the fma rounds the exact (c - 8) * s once, as the product did). */
+#define INT4_OFFSETS                                                                                    \
+    const __m512 m8 = _mm512_set1_ps(-8.0f);                                                            \
+    const __m512 n0 = _mm512_mul_ps(s0, m8), n1 = _mm512_mul_ps(s1, m8);                                \
+    const __m512 n2 = _mm512_mul_ps(s2, m8), n3 = _mm512_mul_ps(s3, m8);
 
 /* The 4 weight vectors of panel row p, columns 0-15, 16-31, 32-47, 48-63. */
 #define LOAD_F32(p)                                                                                     \
@@ -67,11 +75,11 @@ static inline __m512 fp8x16(const uint8_t *p) {
     if (((p) & 1) == 0) prefetch_lines(bp, 64);                                                         \
     const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bp));                     \
     const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp + 16)));               \
-    const __m512i lo = _mm512_set1_epi32(0xF), eight = _mm512_set1_epi32(8);                            \
-    __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b0, lo), eight)), s0); \
-    __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b1, lo), eight)), s1); \
-    __m512 w2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b0, 4), eight)), s2); \
-    __m512 w3 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b1, 4), eight)), s3);
+    const __m512i lo = _mm512_set1_epi32(0xF);                                                          \
+    __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, lo)), s0, n0);                  \
+    __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, lo)), s1, n1);                  \
+    __m512 w2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), s2, n2);                  \
+    __m512 w3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), s3, n3);
 
 /* y[I rows, cols] = x[I rows, k] @ panel q of W (+ bias); int4 rows are walked group by group, the group's 4 scale
  * vectors in registers; fp8 column scales are applied once, at the end. */
@@ -89,7 +97,8 @@ static inline __m512 fp8x16(const uint8_t *p) {
                 s0 = _mm512_loadu_ps(sp), s1 = _mm512_loadu_ps(sp + 16);                                \
                 s2 = _mm512_loadu_ps(sp + 32), s3 = _mm512_loadu_ps(sp + 48);                           \
             }                                                                                           \
-            (void)s0, (void)s1, (void)s2, (void)s3;                                                     \
+            INT4_OFFSETS                                                                                \
+            (void)s0, (void)s1, (void)s2, (void)s3, (void)n0, (void)n1, (void)n2, (void)n3;             \
             for (int64_t p = g0; p < g0 + group; p++) {                                                 \
                 LOAD_##KIND(p)                                                                          \
                 for (int i = 0; i < I; i++) {                                                           \
@@ -143,6 +152,7 @@ static void decode_panel(const Panels *W, int64_t q, int64_t k, float *out) {
             s0 = _mm512_loadu_ps(sp), s1 = _mm512_loadu_ps(sp + 16);
             s2 = _mm512_loadu_ps(sp + 32), s3 = _mm512_loadu_ps(sp + 48);
         }
+        INT4_OFFSETS
         for (int64_t p = g0; p < g0 + group; p++) {
             float *o = out + p * NR;
             if (W->kind == PANEL_INT4) {

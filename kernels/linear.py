@@ -9,6 +9,9 @@ and accumulates every output in the same order whatever the batch, so a sequence
 what it is batched with.
 Otherwise on CPU: oneDNN's inner product over a weight reordered once (`_reorder_linear_weight`). Elsewhere
 (CUDA, float16, builds without oneDNN) the weight stays a plain input-major tensor [K, M] and `linear` is `x @ w`.
+Quantized weights (`kernels.quant.QuantizedWeight`) off the native path: fp8 with bf16 activations on a GPU
+that has fp8 matmuls (sm89+) runs `torch._scaled_mm` (activations quantized per token); anything else (int4,
+float32 parity runs, older GPUs, CPU) is dequantized for the one product.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from functools import cache
 import torch
 
 from llama4serve.kernels import native
-from llama4serve.kernels.quant import FP8, INT4, QuantizedWeight
+from llama4serve.kernels.quant import FP8, INT4, QuantizedWeight, scaled_mm_fp8
 
 _PANEL = 64  # output columns per panel (NR in cpu_kernels.c)
 _KIND = {"f32": 0, FP8: 1, INT4: 2}  # Panels.kind in cpu_kernels.c
@@ -80,7 +83,7 @@ class QuantPanelWeight(PanelWeight):
     column b + 32 (high), each + 8; scales [P, G, 64] float32."""
 
     def __init__(self, weight: QuantizedWeight):
-        self.quantized, self.shape = weight, weight.shape
+        self.scheme, self.group_size, self.shape = weight.scheme, weight.group_size, weight.shape
         k, m = weight.shape
         if weight.scheme == FP8:
             self.panels = _to_panels(weight.codes.view(torch.uint8))
@@ -92,17 +95,33 @@ class QuantPanelWeight(PanelWeight):
             scales = _to_panels(weight.scales)  # [P, G, 64]
         self.scales = scales
         self._describe(self.panels, scales, weight.scheme, weight.group_size)
-        weight.codes, weight.scales = weight.codes[:0], weight.scales[:0]  # the panels are all that is kept
+        # The panels are all that is kept: the weight's own storage goes (a [:0] view would keep it alive).
+        weight.codes, weight.scales = weight.codes.new_empty(0), weight.scales.new_empty(0)
 
     def to_dense(self) -> torch.Tensor:
         k, m = self.shape
-        if self.quantized.scheme == FP8:
+        if self.scheme == FP8:
             codes = self.panels.view(torch.float8_e4m3fn).float().transpose(0, 1).reshape(k, -1)[:, :m]
             return codes * (self.scales[:m] / 256.0)
         nib = torch.cat([self.panels & 0xF, self.panels >> 4], dim=-1).to(torch.int8) - 8  # [P, K, 64]
         codes = nib.float().transpose(0, 1).reshape(k, -1)[:, :m]
         return codes * self.scales.transpose(0, 1).reshape(self.scales.shape[1], -1)[:, :m].repeat_interleave(
-            self.quantized.group_size, dim=0)
+            self.group_size, dim=0)
+
+
+@cache
+def _cuda_has_fp8(index: int | None) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def uses_scaled_mm(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether `linear(x, weight)` runs `torch._scaled_mm`: fp8 [K, M] codes column-major on a CUDA device with fp8
+    matmuls, x bfloat16 (the one output type row-wise scaling has), K and M multiples of 16. A shape, dtype and
+    device rule, never a value."""
+    k, m = weight.shape[-2:]
+    return (weight.scheme == FP8 and x.device.type == "cuda" and x.dtype == torch.bfloat16
+            and weight.codes.dim() == 2 and weight.codes.stride(0) == 1 and k % 16 == 0 and m % 16 == 0
+            and _cuda_has_fp8(x.device.index))
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,7 +152,9 @@ def pack_weight(weight_t, dtype: torch.dtype | None = None):
     is float32, else itself (`linear` dequantizes it per call)."""
     if isinstance(weight_t, QuantizedWeight):
         native_ok = _panel_kernel() is not None and dtype in (None, torch.float32) and weight_t.codes.is_cpu
-        return QuantPanelWeight(weight_t) if native_ok else weight_t
+        if native_ok:
+            return QuantPanelWeight(weight_t)
+        return weight_t.column_major() if weight_t.codes.is_cuda else weight_t
     if weight_t.device.type != "cpu":
         return weight_t.contiguous()
     if weight_t.dtype == torch.float32 and _panel_kernel() is not None:
@@ -156,8 +177,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PanelWeight, bias: torch.Tens
     """x [..., K] @ weight (from `pack_weight`, or a plain [K, M] tensor) (+ bias [M]) -> [..., M]."""
     if isinstance(weight, PanelWeight):
         return weight(x, bias)
-    if isinstance(weight, QuantizedWeight):  # the torch path: dequantized for this one product
-        weight = weight.dequantize(x.dtype).to(x.device)
+    if isinstance(weight, QuantizedWeight):
+        if uses_scaled_mm(x, weight):
+            return scaled_mm_fp8(x, weight, bias)
+        weight = weight.dequantize(x.dtype).to(x.device)  # the torch path: dequantized for this one product
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None:

@@ -9,7 +9,9 @@
 3. decode on a Scout-shaped stack (hidden 5120, 40 q / 8 kv heads of 128, 16 experts of 8192 + the shared
    expert, --layers layers, vocabulary 202048) at batch 1, 8, 64 against the HBM roofline (weight bytes a
    step reads / the device-to-device copy bandwidth measured here), and prefill against the bf16 matmul rate
-   measured here.
+   measured here;
+4. fp8 and int4 weights (scripts/gpu_quantized.py): `torch._scaled_mm` and dequantize-then-bf16 numerics at
+   Scout's shapes, and decode of the Scout-shaped stack quantized in place at batch 1 and 64.
 Prints one table. Exits 0 when every check passes, 1 when one fails, 2 without CUDA.
 
 Imports only `kernels/` and the model code in `actors/` (no Ray, no pydantic), torch, transformers, safetensors.
@@ -238,7 +240,7 @@ def scout_config(layers: int) -> dict:
                             "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}}}
 
 
-def bench_scout(tmp: Path, layers: int) -> None:
+def bench_scout(tmp: Path, layers: int, quantized: bool = True) -> None:
     from llama4serve.actors.model.config import load_model_config
     from llama4serve.actors.model.experts import LocalExperts
     from llama4serve.actors.model.text_model import Llama4TextModel
@@ -276,6 +278,7 @@ def bench_scout(tmp: Path, layers: int) -> None:
         f"{bandwidth / 1e12:.2f} TB/s, {flops_rate / 1e12:.0f} TFLOP/s", "")
 
     torch.manual_seed(0)
+    bf16_ms: dict[int, float] = {}
     for batch_size in (1, 8, 64):
         batch = StepBatch([seqs.step(b, [7], context, [], sampling=False) for b in range(batch_size)], batch_size)
         # Distinct experts a step reads per MoE layer: the random router picks top-1 of E about uniformly.
@@ -294,6 +297,7 @@ def bench_scout(tmp: Path, layers: int) -> None:
                 graphed = float("nan")
                 print(f"CUDA graph capture at batch {batch_size} failed: {err!r}", file=sys.stderr)
         best = min(eager, graphed) if graphed == graphed else eager
+        bf16_ms[batch_size] = best * 1e3
         goal = 0.7 if batch_size == 1 else 0.5
         row(f"decode batch {batch_size} (~{experts_hit:.1f} experts/layer)", roofline / best >= goal if batch_size != 8 else None,
             f"eager {eager * 1e3:.2f} ms, graph {graphed * 1e3:.2f} ms; roofline {roofline * 1e3:.2f} ms = "
@@ -312,6 +316,18 @@ def bench_scout(tmp: Path, layers: int) -> None:
     achieved = (per_token * tokens + attn) / secs
     row(f"prefill {tokens} tokens", None, f"{secs * 1e3:.1f} ms, {achieved / 1e12:.0f} TFLOP/s = "
         f"{achieved / flops_rate:.0%} of matmul rate", "")
+    if not quantized:
+        return
+    from gpu_quantized import bench_decode, quantize_stack  # scripts/, next to this file
+
+    for scheme in ("fp8", "int4"):  # fresh random weights, quantized in place (the bf16 stack freed first)
+        model = experts = runner = meta = None
+        torch.cuda.empty_cache()
+        experts = LocalExperts(cfg, reader, 0, cfg.num_experts, dtype, dev)
+        model = Llama4TextModel(cfg, reader, dtype, experts, dev)
+        expert_bytes = quantize_stack(model, experts, scheme)
+        runner = ModelRunner(cfg, model, kv, None, experts)
+        bench_decode(row, runner, seqs, kv, sync_time, bandwidth, scheme, expert_bytes, bf16_ms)
 
 
 def main() -> int:
@@ -319,6 +335,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8, help="layers of the Scout-shaped stack (~4.4 GB each)")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-quantized", action="store_true", help="no fp8 / int4 checks")
     parser.add_argument("--cpu-dry-run", action="store_true", help="only the parity checks, on CPU")
     args = parser.parse_args()
     if args.cpu_dry_run:
@@ -336,9 +353,13 @@ def main() -> int:
     _import_repo()
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
+        from gpu_quantized import check_numerics  # scripts/, next to this file
+
         for name, run in (("parity", lambda: check_parity(Path(tmp))), ("graph", lambda: check_graph_replay(Path(tmp))),
-                          ("bench", lambda: bench_scout(Path(tmp), args.layers))):
-            if (name == "parity" and args.skip_parity) or (name == "bench" and args.skip_bench):
+                          ("quantized", lambda: check_numerics(row, torch.device("cuda", 0))),
+                          ("bench", lambda: bench_scout(Path(tmp), args.layers, not args.skip_quantized))):
+            if ((name == "parity" and args.skip_parity) or (name == "bench" and args.skip_bench)
+                    or (name == "quantized" and args.skip_quantized)):
                 continue
             t0 = time.perf_counter()
             try:

@@ -8,6 +8,7 @@ import torch
 from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import grouped_swiglu_mm
 from llama4serve.kernels.linear import unpack_weight
+from llama4serve.kernels.quant import QuantizedWeight
 from llama4serve.kernels.moe import grouped_swiglu
 from llama4serve.actors.model.checkpoint import TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
@@ -35,16 +36,18 @@ def portable_path(device: torch.device | str) -> bool:
 
 class LocalExperts:
     """Expert weights of one shard, per MoE layer. Portable path (`portable_path(device)`): stacked
-    gate_up [E_local, H, 2I] and down [E_local, I, H] on `device` for `grouped_swiglu_mm`. CPU fast path: per
-    local expert, each packed for `kernels.linear.linear`."""
+    gate_up [E_local, H, 2I] and down [E_local, I, H] on `device` for `grouped_swiglu_mm`; quantized experts stay
+    a stacked `QuantizedWeight` and are dequantized to the compute dtype one layer at a time, when it runs. CPU
+    fast path: per local expert, each packed for `kernels.linear.linear` (quantized: dequantized in registers)."""
 
     def __init__(self, cfg: ModelConfig, reader: CheckpointReader, first_expert: int, last_expert: int, dtype,
                  device: torch.device | str = "cpu"):
         self.first_expert = first_expert
         self.num_local_experts = last_expert - first_expert
         self.portable = portable_path(device)
-        self.stacked_gate_up: dict[int, torch.Tensor] = {}
-        self.stacked_down: dict[int, torch.Tensor] = {}
+        self.dtype = dtype
+        self.stacked_gate_up: dict[int, torch.Tensor | QuantizedWeight] = {}
+        self.stacked_down: dict[int, torch.Tensor | QuantizedWeight] = {}
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.packed_gate_up: dict[int, list[torch.Tensor]] = {}
         self.packed_down: dict[int, list[torch.Tensor]] = {}
@@ -56,7 +59,7 @@ class LocalExperts:
                                  f"config.json says num_local_experts={cfg.num_experts}")
             gate_up, down = read_experts(reader, quant, name, first_expert, last_expert, cfg.num_experts, h, i,
                                          dtype, packed=not self.portable)
-            if self.portable:  # [E_local, H, 2I], [E_local, I, H] on the device (quantized: dequantized here)
+            if self.portable:  # [E_local, H, 2I], [E_local, I, H] on the device (quantized: kept quantized)
                 self.stacked_gate_up[layer] = gate_up.to(device)
                 self.stacked_down[layer] = down.to(device)
             else:
@@ -66,21 +69,26 @@ class LocalExperts:
     def gate_up(self) -> dict[int, torch.Tensor]:
         """Plain [E_local, H, 2I] per MoE layer, rebuilt from the packed weights (for inspection)."""
         if self.portable:
-            return self.stacked_gate_up
+            return {layer: self._dense(w) for layer, w in self.stacked_gate_up.items()}
         return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_gate_up.items()}
 
     @property
     def down(self) -> dict[int, torch.Tensor]:
         """Plain [E_local, I, H] per MoE layer, rebuilt from the packed weights (for inspection)."""
         if self.portable:
-            return self.stacked_down
+            return {layer: self._dense(w) for layer, w in self.stacked_down.items()}
         return {layer: torch.stack([unpack_weight(w) for w in ws]) for layer, ws in self.packed_down.items()}
+
+    def _dense(self, w: torch.Tensor | QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A layer's stacked weight in float: quantized ones dequantized now (freed after the layer)."""
+        return w.dequantize(dtype or self.dtype) if isinstance(w, QuantizedWeight) else w
 
     def __call__(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, H] rows already scaled by their router score, expert_ids [N] global -> [N, H]; rows whose id is
         not one of this shard's experts (-1: padding of a dispatch block) give zeros."""
         if self.portable:
-            return grouped_swiglu_mm(x, expert_ids, self.stacked_gate_up[layer], self.stacked_down[layer],
+            gate_up, down = self.stacked_gate_up[layer], self.stacked_down[layer]
+            return grouped_swiglu_mm(x, expert_ids, self._dense(gate_up, x.dtype), self._dense(down, x.dtype),
                                      self.first_expert)
         local = expert_ids - self.first_expert
         mine = (local >= 0) & (local < self.num_local_experts)

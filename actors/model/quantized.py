@@ -40,6 +40,7 @@ class QuantFormat:
     scheme: str
     group_size: int = 0
     not_converted: tuple[str, ...] = ()  # fbgemm_fp8: substrings
+    activation_scale_ub: float | None = None  # fbgemm_fp8: bound on activation row maxima (scaled fp8 matmuls)
     ignore: tuple[str, ...] = ()  # compressed-tensors: names or "re:" patterns
 
     def quantizes(self, module: str) -> bool:
@@ -81,7 +82,9 @@ def parse_quant_format(qc: dict, path: str = "config.json") -> QuantFormat:
     """A `quantization_config` dict -> QuantFormat; ValueError naming the scheme when it is not one we load."""
     method = qc.get("quant_method")
     if method == FBGEMM:
-        return QuantFormat(FBGEMM, FP8, not_converted=tuple(qc.get("modules_to_not_convert") or ()))
+        ub = qc.get("activation_scale_ub")
+        return QuantFormat(FBGEMM, FP8, not_converted=tuple(qc.get("modules_to_not_convert") or ()),
+                           activation_scale_ub=None if ub is None else float(ub))
     if method == COMPRESSED:
         return _compressed_format(qc, path)
     raise ValueError(f"{path}: quantization_config quant_method {method!r} is not supported; "
@@ -127,11 +130,17 @@ def _read_one(reader: CheckpointReader, fmt: QuantFormat | None, module: str, ou
         return reader.get(module + ".weight", dtype).t()
     scale = reader.get(module + ".weight_scale", torch.float32)
     if fmt.scheme == FP8:
-        return QuantizedWeight(FP8, reader.get(module + ".weight", None).t(), scale.view(-1))
+        return _fp8(fmt, reader.get(module + ".weight", None).t(), scale.view(-1))
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     codes = unpack_from_int32(reader.get(module + ".weight_packed", None), 4, torch.Size(out_in))  # [out, in] int8
     return QuantizedWeight(INT4, codes.t(), scale.t(), fmt.group_size)
+
+
+def _fp8(fmt: QuantFormat, codes: torch.Tensor, scales: torch.Tensor) -> QuantizedWeight:
+    weight = QuantizedWeight(FP8, codes, scales)
+    weight.activation_scale_ub = fmt.activation_scale_ub
+    return weight
 
 
 def read_linear(reader: CheckpointReader, fmt: QuantFormat | None, modules: list[str],
@@ -175,27 +184,47 @@ def check_experts(reader: CheckpointReader, fmt: QuantFormat | None, prefix: str
 def read_experts(reader: CheckpointReader, fmt: QuantFormat | None, prefix: str, first: int, last: int,
                  num_experts: int, hidden: int, inter: int, dtype, packed: bool = True):
     """Experts [first, last) of one MoE layer, reading only their bytes -> (gate_up, down): per expert
-    [H, 2I] and [I, H] packed for `linear` (quantized ones stay quantized), or with packed=False stacked float
-    [E_local, H, 2I] and [E_local, I, H] in `dtype` (the portable path)."""
+    [H, 2I] and [I, H] packed for `linear` (quantized ones stay quantized), or with packed=False stacked
+    [E_local, H, 2I] and [E_local, I, H] for the portable path: float in `dtype`, or one stacked
+    `QuantizedWeight` each when the experts are quantized (dequantized a layer at a time, at use)."""
     check_experts(reader, fmt, prefix, num_experts, hidden, inter)
     if reader.has(prefix + ".gate_up_proj") and reader.dtype_name(prefix + ".gate_up_proj") != "F8_E4M3":
-        gate_up = reader.get_rows(prefix + ".gate_up_proj", first, last, dtype)
-        down = reader.get_rows(prefix + ".down_proj", first, last, dtype)
+        gate_up = _own(reader.get_rows(prefix + ".gate_up_proj", first, last, dtype))
+        down = _own(reader.get_rows(prefix + ".down_proj", first, last, dtype))
         if not packed:
             return gate_up, down
         return [pack_weight(w) for w in gate_up], [pack_weight(w) for w in down]
     if reader.has(prefix + ".gate_up_proj"):  # fbgemm fp8, fused
         parts = []
         for name in (".gate_up_proj", ".down_proj"):
-            codes = reader.get_rows(prefix + name, first, last, None)  # [n, in, out] e4m3
-            scales = reader.get_rows(prefix + name + "_scale", first, last, torch.float32)
-            parts.append([QuantizedWeight(FP8, c, s.view(-1)) for c, s in zip(codes, scales)])
+            codes = _own(reader.get_rows(prefix + name, first, last, None))  # [n, in, out] e4m3
+            scales = _own(reader.get_rows(prefix + name + "_scale", first, last, torch.float32))  # [n, 1|out, out|1]
+            if not packed:
+                parts.append(_fp8(fmt, codes, scales.reshape(last - first, -1)))
+                continue
+            parts.append([_fp8(fmt, c, s.view(-1)) for c, s in zip(codes, scales)])
         gate_up, down = parts
+        if not packed:
+            return gate_up, down
     else:  # compressed-tensors, per expert
         gate_up = [_concat([_read_one(reader, fmt, f"{prefix}.{e}.{n}", (inter, hidden), dtype)
                             for n in ("gate_proj", "up_proj")], dtype) for e in range(first, last)]
         down = [_read_one(reader, fmt, f"{prefix}.{e}.down_proj", (hidden, inter), dtype) for e in range(first, last)]
     if not packed:
-        dense = lambda w: w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)  # noqa: E731
-        return torch.stack([dense(w) for w in gate_up]), torch.stack([dense(w) for w in down])
+        return _stack(gate_up, dtype), _stack(down, dtype)
     return [pack_weight(w, dtype) for w in gate_up], [pack_weight(w, dtype) for w in down]
+
+
+def _own(rows: torch.Tensor) -> torch.Tensor:
+    """Rows read with `get_rows` in storage of their own: safetensors' slices can be views of the whole
+    tensor's storage, which would keep every expert of the layer alive in this shard."""
+    if rows.untyped_storage().nbytes() > rows.numel() * rows.element_size():
+        return rows.clone()
+    return rows
+
+
+def _stack(weights: list, dtype):
+    """Per-expert weights -> one stacked QuantizedWeight, or a float [E, K, M] when some are float (`ignore`)."""
+    if all(isinstance(w, QuantizedWeight) for w in weights):
+        return QuantizedWeight.stack(weights)
+    return torch.stack([w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w.to(dtype) for w in weights])

@@ -127,7 +127,8 @@ def write_dequantized_copy(quantized_dir: str | Path, out_dir: str | Path) -> Pa
             prefix = name[: -len(".gate_up_proj")]
             gate_up, down = read_experts(reader, fmt, prefix, 0, shape[0], shape[0], shape[1], shape[2] // 2, dtype,
                                          packed=False)
-            tensors[name], tensors[prefix + ".down_proj"] = gate_up, down
+            dense = [w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w for w in (gate_up, down)]
+            tensors[name], tensors[prefix + ".down_proj"] = dense
         elif name.endswith("_proj.weight") and not name.endswith("experts.down_proj"):
             w = _read_one(reader, fmt, name[: -len(".weight")], shape, dtype)
             tensors[name] = (w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w).t().contiguous()
