@@ -20,6 +20,18 @@ class SamplingSpec:
     repetition_penalty: float = 1.0  # 1: off
 
 
+@dataclass(frozen=True)
+class GrammarRef:
+    """A compiled grammar (xgrammar ``CompiledGrammar.serialize_json``) and its tokenizer info
+    (``TokenizerInfo.serialize_json``), each JSON text or a Ray ObjectRef holding it; the actor deserializes
+    each key once and caches it."""
+
+    key: str
+    grammar_json: object
+    tokenizer_key: str
+    tokenizer_json: object
+
+
 @dataclass
 class SeqStep:
     """One sequence's share of a step: tokens at positions [start_pos, start_pos + len(token_ids)).
@@ -48,6 +60,10 @@ class SeqStep:
     # features. image_offset: feature rows used by earlier steps (<|patch|> prompt tokens before start_pos).
     image_pixels: object | None = None
     image_offset: int = 0
+    # Structured outputs: the sequence's grammar, sent with its first step after (re)admission, with the tokens it
+    # generated before (a recompute): the actor rebuilds its matcher from them and masks every sampling row after.
+    grammar: GrammarRef | None = None
+    grammar_replay: list[int] = field(default_factory=list)
 
     @property
     def end_pos(self) -> int:
@@ -58,7 +74,7 @@ class SeqStep:
 class StepBatch:
     seqs: list[SeqStep]
     moe_capacity: int = 0  # most routed rows any attention rank sends this step (same on every rank)
-    released_seq_ids: list[int] = field(default_factory=list)  # finished/aborted/preempted: drop cached features
+    released_seq_ids: list[int] = field(default_factory=list)  # finished/aborted/preempted: drop features, matchers
     # Multi-step decode: > 1 when every sequence decodes one token and its block tables cover num_steps
     # positions (all in its current chunk); the actor feeds each sampled token back and returns one list of
     # outputs per step.
@@ -73,3 +89,4 @@ class SeqOutput:
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_logprobs: list[float] = field(default_factory=list)  # one per logprob_targets entry
     prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # likewise, if num_prompt_top
+    grammar_terminated: bool = False  # the sequence's grammar accepted its stop token with this one

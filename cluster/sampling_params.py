@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from llama4serve.cluster.inputs.structured import StructuredOutputSpec, spec_from_request
 
 MAX_LOGPROBS = 20
 
@@ -19,6 +22,10 @@ class SamplingParams:
     token already generated, once / once per occurrence. repetition_penalty (> 0, 1 is off) works as in
     transformers and vLLM: logits of tokens in the prompt or output are divided by it when positive and
     multiplied when negative. Logprobs are always those of the raw model distribution.
+    structured_outputs: None (off), a ``StructuredOutputSpec``, or vLLM's mapping with exactly one of ``json``
+    (a JSON schema, dict or text), ``regex``, ``choice`` (list of strings), ``grammar`` (EBNF or Lark),
+    ``json_object: True``; stored as a spec. The output then matches it (the grammar compiles when the request is
+    added: a bad schema, regex or grammar is a ValueError naming the field), and ends when the grammar does.
     """
 
     max_tokens: int = 16
@@ -34,6 +41,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    structured_outputs: StructuredOutputSpec | dict[str, Any] | None = None
 
     def __post_init__(self):
         def bad(name, value, allowed):
@@ -76,6 +84,15 @@ class SamplingParams:
         r = self.repetition_penalty
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 10:
             bad("repetition_penalty", r, "(0, 10] (1 is off)")
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            try:
+                self.structured_outputs = spec_from_request(structured_outputs=so)
+            except ValueError as e:
+                raise ValueError(f"SamplingParams.{e}") from None
+        elif so is not None and not isinstance(so, StructuredOutputSpec):
+            bad("structured_outputs", so, "None, a StructuredOutputSpec, or a mapping with one of json, regex, "
+                "choice, grammar, json_object")
 
     @property
     def has_penalties(self) -> bool:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llama4serve/protos/llama4serve.proto\x12\x0ellama4serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.llama4serve.v1.ImageH\x00\x42\x06\n\x04part\"X\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\x05parts\x18\x03 \x03(\x0b\x32\x1b.llama4serve.v1.ContentPart\"\x82\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.llama4serve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.llama4serve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\r \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12%\n\x06images\x18\x12 \x03(\x0b\x32\x15.llama4serve.v1.ImageB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x30\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1a.llama4serve.v1.TopLogprob\"C\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_logprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.llama4serve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.llama4serve.v1.PromptLogprob\x12\x33\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1c.llama4serve.v1.FinishReason\x12$\n\x05usage\x18\t \x01(\x0b\x32\x15.llama4serve.v1.Usage\"\xb9\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.llama4serve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.llama4serve.v1.PromptLogprob\x12\x33\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1c.llama4serve.v1.FinishReason\x12$\n\x05usage\x18\t \x01(\x0b\x32\x15.llama4serve.v1.Usage\"\x13\n\x11ListModelsRequest\"\x13\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.llama4serve.v1.Model*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8e\x02\n\x0bLlama4Serve\x12M\n\x08Generate\x12\x1f.llama4serve.v1.GenerateRequest\x1a .llama4serve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.llama4serve.v1.GenerateRequest\x1a&.llama4serve.v1.GenerateStreamResponse0\x01\x12S\n\nListModels\x12!.llama4serve.v1.ListModelsRequest\x1a\".llama4serve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llama4serve/protos/llama4serve.proto\x12\x0ellama4serve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"(\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\"M\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\x05image\x18\x02 \x01(\x0b\x32\x15.llama4serve.v1.ImageH\x00\x42\x06\n\x04part\"X\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\x05parts\x18\x03 \x03(\x0b\x32\x1b.llama4serve.v1.ContentPart\"\xc1\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12-\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x18.llama4serve.v1.TokenIdsH\x00\x12-\n\x08messages\x18\x04 \x03(\x0b\x32\x1b.llama4serve.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x11\n\x04seed\x18\x0b \x01(\x03H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\r \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x10 \x01(\x01H\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12%\n\x06images\x18\x12 \x03(\x0b\x32\x15.llama4serve.v1.Image\x12=\n\x12structured_outputs\x18\x13 \x01(\x0b\x32!.llama4serve.v1.StructuredOutputsB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\x94\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12,\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x1a.llama4serve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"c\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x30\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1a.llama4serve.v1.TopLogprob\"C\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_logprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xb3\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.llama4serve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.llama4serve.v1.PromptLogprob\x12\x33\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1c.llama4serve.v1.FinishReason\x12$\n\x05usage\x18\t \x01(\x0b\x32\x15.llama4serve.v1.Usage\"\xb9\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1c.llama4serve.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x06 \x03(\x05\x12\x36\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1d.llama4serve.v1.PromptLogprob\x12\x33\n\rfinish_reason\x18\x08 \x01(\x0e\x32\x1c.llama4serve.v1.FinishReason\x12$\n\x05usage\x18\t \x01(\x0b\x32\x15.llama4serve.v1.Usage\"\x13\n\x11ListModelsRequest\"\x13\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.llama4serve.v1.Model*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\x8e\x02\n\x0bLlama4Serve\x12M\n\x08Generate\x12\x1f.llama4serve.v1.GenerateRequest\x1a .llama4serve.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.llama4serve.v1.GenerateRequest\x1a&.llama4serve.v1.GenerateStreamResponse0\x01\x12S\n\nListModels\x12!.llama4serve.v1.ListModelsRequest\x1a\".llama4serve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llama4serve.protos.llama4serve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1966
-  _globals['_FINISHREASON']._serialized_end=2086
+  _globals['_FINISHREASON']._serialized_start=2211
+  _globals['_FINISHREASON']._serialized_end=2331
   _globals['_TOKENIDS']._serialized_start=56
   _globals['_TOKENIDS']._serialized_end=79
   _globals['_IMAGE']._serialized_start=81
@@ -42,25 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=202
   _globals['_CHATMESSAGE']._serialized_end=290
   _globals['_GENERATEREQUEST']._serialized_start=293
-  _globals['_GENERATEREQUEST']._serialized_end=935
-  _globals['_TOPLOGPROB']._serialized_start=937
-  _globals['_TOPLOGPROB']._serialized_end=984
-  _globals['_TOKENLOGPROB']._serialized_start=986
-  _globals['_TOKENLOGPROB']._serialized_end=1085
-  _globals['_PROMPTLOGPROB']._serialized_start=1087
-  _globals['_PROMPTLOGPROB']._serialized_end=1154
-  _globals['_USAGE']._serialized_start=1156
-  _globals['_USAGE']._serialized_end=1235
-  _globals['_GENERATERESPONSE']._serialized_start=1238
-  _globals['_GENERATERESPONSE']._serialized_end=1545
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1548
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1861
-  _globals['_LISTMODELSREQUEST']._serialized_start=1863
-  _globals['_LISTMODELSREQUEST']._serialized_end=1882
-  _globals['_MODEL']._serialized_start=1884
-  _globals['_MODEL']._serialized_end=1903
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1905
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1964
-  _globals['_LLAMA4SERVE']._serialized_start=2089
-  _globals['_LLAMA4SERVE']._serialized_end=2359
+  _globals['_GENERATEREQUEST']._serialized_end=998
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1001
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1149
+  _globals['_CHOICELIST']._serialized_start=1151
+  _globals['_CHOICELIST']._serialized_end=1180
+  _globals['_TOPLOGPROB']._serialized_start=1182
+  _globals['_TOPLOGPROB']._serialized_end=1229
+  _globals['_TOKENLOGPROB']._serialized_start=1231
+  _globals['_TOKENLOGPROB']._serialized_end=1330
+  _globals['_PROMPTLOGPROB']._serialized_start=1332
+  _globals['_PROMPTLOGPROB']._serialized_end=1399
+  _globals['_USAGE']._serialized_start=1401
+  _globals['_USAGE']._serialized_end=1480
+  _globals['_GENERATERESPONSE']._serialized_start=1483
+  _globals['_GENERATERESPONSE']._serialized_end=1790
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1793
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2106
+  _globals['_LISTMODELSREQUEST']._serialized_start=2108
+  _globals['_LISTMODELSREQUEST']._serialized_end=2127
+  _globals['_MODEL']._serialized_start=2129
+  _globals['_MODEL']._serialized_end=2148
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2150
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2209
+  _globals['_LLAMA4SERVE']._serialized_start=2334
+  _globals['_LLAMA4SERVE']._serialized_end=2604
 # @@protoc_insertion_point(module_scope)

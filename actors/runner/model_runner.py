@@ -22,6 +22,7 @@ from llama4serve.actors.step_io import SeqOutput, SeqStep, StepBatch
 from llama4serve.actors.model.config import ModelConfig
 from llama4serve.actors.model.experts import portable_path
 from llama4serve.actors.runner.fused_decode import FusedDecode
+from llama4serve.actors.runner.grammar import RowGrammars
 from llama4serve.actors.runner.kv_cache import KVCache, slots_of
 from llama4serve.actors.model.text_model import Llama4TextModel, PoolView, StepMeta
 
@@ -47,6 +48,7 @@ class ModelRunner:
         self.fused = None if self.portable else FusedDecode.create(cfg, model, kv, local_experts, self.inv_freq)
         self.inv_freq = self.inv_freq.to(self.device)
         self.graphs = None  # a `DecodeGraphs`, set by the actor on CUDA
+        self.grammars = RowGrammars()  # constrained sequences' matchers (structured outputs)
 
     def chunk_start(self, pos: int) -> int:
         c = self.cfg.attention_chunk_size
@@ -163,6 +165,7 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> list[SeqOutput]:
         image_embeds = self.images.for_step(batch) if self.images is not None else None
+        self.grammars.begin_step(batch)
         outputs = [SeqOutput(seq_id=s.seq_id) for s in batch.seqs]
         if self.graphs is not None and self.graphs.applies(batch, image_embeds):
             self._sample(batch.seqs, self.graphs.logits(batch).float(), outputs)  # a decode step's CUDA graph
@@ -195,14 +198,13 @@ class ModelRunner:
         for _ in range(batch.num_steps - 1):
             seqs = [
                 replace(s, token_ids=[out.token_id], start_pos=s.end_pos, num_generated=s.num_generated + 1,
-                        chunk_read_blocks=s.chunk_write_blocks)  # the steps stay inside one chunk
+                        chunk_read_blocks=s.chunk_write_blocks, grammar=None)  # the steps stay inside one chunk
                 for s, out in zip(seqs, steps[-1])
             ]
             steps.append(self.step(StepBatch(seqs, batch.moe_capacity)))
         return steps
 
-    @staticmethod
-    def _sample(seqs: list[SeqStep], logits: torch.Tensor, outputs: list[SeqOutput]) -> None:
+    def _sample(self, seqs: list[SeqStep], logits: torch.Tensor, outputs: list[SeqOutput]) -> None:
         specs, dev = [s.sampling for s in seqs], logits.device
         # One generator per row, seeded by (request seed, tokens generated so far): the draw depends on nothing
         # else in the batch, and a preempted request redraws the same token.
@@ -211,8 +213,9 @@ class ModelRunner:
             if sp.temperature > 0 else 0.0  # greedy rows draw nothing
             for s, sp in zip(seqs, specs)
         ], device=dev)
+        penalized = _penalized(seqs, logits) if any(s.penalty_output_ids or s.penalty_prompt_ids for s in seqs) else logits
         chosen = sample_tokens(
-            _penalized(seqs, logits) if any(s.penalty_output_ids or s.penalty_prompt_ids for s in seqs) else logits,
+            self.grammars.mask(seqs, penalized),  # constrained rows only, just before sampling
             torch.tensor([sp.temperature for sp in specs], device=dev),
             torch.tensor([sp.top_k for sp in specs], device=dev),
             torch.tensor([sp.top_p for sp in specs], device=dev),
@@ -226,6 +229,7 @@ class ModelRunner:
             if num_top > 0:
                 top_v, top_i = top_v.cpu(), top_i.cpu()
         chosen = chosen.tolist()  # the step's one copy back to the host (with the logprobs)
+        self.grammars.accept(seqs, chosen, outputs)
         for j, (sp, out) in enumerate(zip(specs, outputs)):
             out.token_id = int(chosen[j])
             if sp.logprobs is not None:

@@ -3,9 +3,11 @@
 Accepted forms (`Prompt`):
 - a string, or a list of token ids;
 - chat messages `[{"role": ..., "content": str | [parts]}]`, parts `{"type": "text", "text": ...}` or
-  `{"type": "image", "image": <bytes of a PNG/JPEG/WebP file>}` (the chat template renders `<|image|>` for each);
+  `{"type": "image", "image": <bytes of a PNG/JPEG/WebP file>}` (the chat template renders `<|image|>` for each),
+  assistant messages with OpenAI `tool_calls` and `tool` messages;
 - a dict `{"prompt": str | list[int], "images": [bytes, ...]}` whose prompt holds one `<|image|>` placeholder
-  (text, or its token id) per image, in order (like vLLM's `multi_modal_data`), or `{"messages": [...]}`.
+  (text, or its token id) per image, in order (like vLLM's `multi_modal_data`), or `{"messages": [...]}`, which
+  may add OpenAI `tools`, `tool_choice`, `parallel_tool_calls` (rendered as `tool_calls.tool_chat_inputs` says).
 
 Each `<|image|>` is expanded into the image's tile layout (`ImageProcessor`), so the token count that the engine
 validates against max_model_len and the KV budget includes every image token. Errors are ValueErrors naming the
@@ -20,8 +22,10 @@ import torch
 
 from llama4serve.cluster.inputs import Prompt
 from llama4serve.cluster.inputs.image_processor import IMAGE_TOKEN, ImageProcessor, ProcessedImage
+from llama4serve.cluster.inputs.tool_calls import ToolRequest, tool_chat_inputs, validate_tool_request
 
-_DICT_KEYS = {"prompt", "images", "messages"}
+_DICT_KEYS = {"prompt", "images", "messages", "tools", "tool_choice", "parallel_tool_calls"}
+_TOOL_KEYS = ("tools", "tool_choice", "parallel_tool_calls")  # only with "messages" (OpenAI names)
 
 
 @dataclass
@@ -64,13 +68,17 @@ class PromptPreparer:
         if isinstance(prompt, dict):
             unknown = set(prompt) - _DICT_KEYS
             if unknown:
-                raise ValueError(f"prompt has unknown keys {sorted(unknown)}; allowed: prompt, images, messages")
+                raise ValueError(f"prompt has unknown keys {sorted(unknown)}; allowed: prompt, images, messages, "
+                                 "and with messages tools, tool_choice, parallel_tool_calls")
             if ("prompt" in prompt) == ("messages" in prompt):
                 raise ValueError("a dict prompt needs exactly one of 'prompt' and 'messages'")
+            if "prompt" in prompt and any(k in prompt for k in _TOOL_KEYS):
+                raise ValueError("tools, tool_choice and parallel_tool_calls go with 'messages', not 'prompt'")
             if "messages" in prompt:
                 if prompt.get("images"):
                     raise ValueError("images go inside the messages' content parts, not in 'images'")
-                return self._chat(prompt["messages"])
+                tools = validate_tool_request(*(prompt.get(k) for k in _TOOL_KEYS))
+                return self._chat(prompt["messages"], tools)
             return self._with_images(prompt["prompt"], list(prompt.get("images") or []))
         if is_chat(prompt):
             return self._chat(prompt)
@@ -85,9 +93,10 @@ class PromptPreparer:
             raise ValueError(f"prompt must be a string, token ids, chat messages or a dict; got {type(prompt).__name__}")
         return list(prompt)
 
-    def _chat(self, messages: list[dict]) -> PromptInputs:
+    def _chat(self, messages: list[dict], tools: ToolRequest | None = None) -> PromptInputs:
         if self.tokenizer is None:
             raise ValueError(f"messages need a chat template, but {self.model_dir} has no tokenizer")
+        messages, variables = tool_chat_inputs(messages, tools, self.tokenizer.chat_template)
         images, labels, rendered = [], [], []
         for i, message in enumerate(messages):
             content = message.get("content") if isinstance(message, dict) else None
@@ -101,7 +110,7 @@ class PromptPreparer:
                     parts.append(part)
                 message = dict(message, content=parts)
             rendered.append(message)
-        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=True, **variables)
         processed = self._process(images, labels)
         if processed:
             text = self._expand(text, processed, "the rendered chat prompt")

@@ -142,6 +142,11 @@ class Tokenizer:
         """Text of ``ids``; bytes that do not form complete UTF-8 characters come out as U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template's source (None when the model directory has none)."""
+        return self._chat_template_source
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """Render ``messages`` with the model's chat template, as transformers' ``apply_chat_template`` does.
 

@@ -17,7 +17,7 @@ from llama4serve.cluster.sampling_params import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1  # the gRPC field is an int64; the sampler reduces seeds mod 2**63
-CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer is read as system; no tool calling
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")  # developer is read as system
 
 
 @dataclass(frozen=True)

@@ -355,8 +355,8 @@ BAD_INPUTS = [
     ("empty messages", CHAT, {"model": MODEL, "messages": []}, 400, "messages", ["at least 1"]),
     ("unknown role", CHAT, {"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400,
      "messages[0].role", ["'system'", "'user'", "'assistant'", "'robot'"]),
-    ("tool role", CHAT, {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role",
-     ["'tool'"]),
+    ("function role", CHAT, {"model": MODEL, "messages": [{"role": "function", "content": "x"}]}, 400,
+     "messages[0].role", ["'function'", "'tool'"]),
     ("remote image url", CHAT, {"model": MODEL, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400,
      "messages[0].content[0]", ["not fetched", "data:image/png;base64"]),

@@ -35,7 +35,7 @@ def server(ray_session, tmp_path_factory):
     model = write_checkpoint(tmp_path_factory.mktemp("serve-errors") / MODEL, MODEL)
     config = ServeConfig(model=str(model), dtype="float32", api_key=KEY, http_port=free_port(), grpc_port=free_port(),
                          max_model_len=2048, max_queued_requests=2, request_timeout_s=TIMEOUT_S,
-                         collective_timeout_s=30)
+                         collective_timeout_s=30, max_actor_restarts=0)  # a killed actor takes it down
     start_serve(config)
     yield config
     serve.delete(APP_NAME)
@@ -76,8 +76,8 @@ LIMITS = [  # (HTTP path, JSON fields, the same over gRPC, the message both send
     ("/v1/completions", {"logprobs": 21}, pb.GenerateRequest(text="x", logprobs=21), "logprobs is 21"),
     ("/v1/completions", {"repetition_penalty": 11}, pb.GenerateRequest(text="x", repetition_penalty=11),
      "repetition_penalty is 11; allowed (0, 10] (1 is off)"),
-    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]},
-     pb.GenerateRequest(messages=[pb.ChatMessage(role="tool", content="x")]), "messages[0].role is 'tool'"),
+    ("/v1/chat/completions", {"messages": [{"role": "function", "content": "x"}]},
+     pb.GenerateRequest(messages=[pb.ChatMessage(role="function", content="x")]), "messages[0].role is 'function'"),
 ]
 
 

@@ -166,8 +166,8 @@ LIMITS = [  # (JSON fields, the same over gRPC, the message both must send)
     ({"stop": ["s"] * 1000}, G(stop=["s"] * 1000), "stop has 1000 strings; at most 16 are allowed"),
     ({"stop": ["a", ""]}, G(stop=["a", ""]), "stop[1] is an empty string; stop strings must not be empty"),
     ({"stop_token_ids": [3, -1]}, G(stop_token_ids=[3, -1]), "stop_token_ids[1] is -1; allowed an integer >= 0"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, G(messages=[pb.ChatMessage(role="tool", content="x")]),
-     "messages[0].role is 'tool'; allowed 'system', 'developer', 'user', 'assistant'"),
+    ({"messages": [{"role": "function", "content": "x"}]}, G(messages=[pb.ChatMessage(role="function", content="x")]),
+     "messages[0].role is 'function'; allowed 'system', 'developer', 'user', 'assistant', 'tool', 'ipython'"),
 ]
 
 

@@ -107,6 +107,20 @@ def sampling_params(request: pb.GenerateRequest, max_model_len: int) -> Sampling
     _check("stop_token_ids", limits.token_ids_problem(list(request.stop_token_ids)))
     try:
         return SamplingParams(stop=stop, stop_token_ids=list(request.stop_token_ids),
-                              prompt_logprobs=request.prompt_logprobs, ignore_eos=request.ignore_eos, **kwargs)
+                              prompt_logprobs=request.prompt_logprobs, ignore_eos=request.ignore_eos,
+                              structured_outputs=_structured_outputs(request), **kwargs)
     except ValueError as e:
         raise _bad(str(e).removeprefix("SamplingParams.")) from None
+
+
+def _structured_outputs(request: pb.GenerateRequest) -> dict | None:
+    """vLLM's structured_outputs mapping of the request (SamplingParams checks it; the engine compiles it)."""
+    if not request.HasField("structured_outputs"):
+        return None
+    so = request.structured_outputs
+    kind = so.WhichOneof("kind")
+    if kind is None:
+        raise _bad("structured_outputs is empty; set one of json, json_object, regex, choice, grammar")
+    if kind == "choice":
+        return {"choice": list(so.choice.choices)}
+    return {kind: getattr(so, kind)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from llama4serve.cluster.inputs.tool_calls import ToolCallStreamParser, ToolRequest, parse_tool_calls
 from llama4serve.cluster.outputs import RequestOutput
 from llama4serve.cluster.serving.openai.errors import APIError
 from llama4serve.cluster.serving.openai.logprobs import TextOffsets, TokenText, chat_logprobs, completion_logprobs
@@ -150,9 +151,13 @@ class ChatFormatter(_Formatter):
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
 
-    def __init__(self, request_id: str, model: str, tokenizer, body: ChatCompletionRequest):
+    def __init__(self, request_id: str, model: str, tokenizer, body: ChatCompletionRequest,
+                 tools: ToolRequest | None = None):
         super().__init__(request_id, model, tokenizer, body.n)
         self.want_logprobs = body.logprobs
+        # With tools in play (tool_choice not "none") the output is parsed into OpenAI tool_calls.
+        self.tool_names = tools.tool_names if tools is not None and tools.tool_choice != "none" else None
+        self.parsers: dict[int, ToolCallStreamParser] = {}
 
     def _piece(self, index: int, out: RequestOutput) -> tuple[str, list | None]:
         if not self.want_logprobs:
@@ -172,22 +177,45 @@ class ChatFormatter(_Formatter):
         _, text, logprobs = self._advance(index, out)
         if not text and not out.token_ids and not out.finished:
             return []
-        choice = {
-            "index": index,
-            "delta": {"content": text} if text else {},
-            "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
-            "finish_reason": out.finish_reason if out.finished else None,
-        }
-        return [self._envelope(self.chunk_object_name, [choice])]
+        deltas = [{"content": text} if text else {}]
+        finish = out.finish_reason if out.finished else None
+        if self.tool_names is not None:  # content and complete calls, as the stream parser decides them
+            parser = self.parsers.setdefault(index, ToolCallStreamParser(self.tool_names))
+            deltas = parser.feed(text) + (parser.finish() if out.finished else [])
+            if finish == "stop" and parser.tool_calls:
+                finish = "tool_calls"
+            if not deltas and (logprobs is not None or finish is not None):
+                deltas = [{}]
+        chunks = []
+        for k, delta in enumerate(deltas):
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None if logprobs is None or k else {"content": logprobs, "refusal": None},
+                "finish_reason": finish if k == len(deltas) - 1 else None,
+            }
+            chunks.append(self._envelope(self.chunk_object_name, [choice]))
+        return chunks
+
+    def _message(self, choice: _Choice) -> tuple[dict, str | None]:
+        text = "".join(choice.texts)
+        if self.tool_names is None:
+            return {"role": "assistant", "content": text}, choice.finish_reason
+        content, calls = parse_tool_calls(text, self.tool_names)
+        if not calls:
+            return {"role": "assistant", "content": text}, choice.finish_reason
+        finish = "tool_calls" if choice.finish_reason == "stop" else choice.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": calls}, finish
 
     def response(self) -> dict:
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(c.texts)},
+                "message": message,
                 "logprobs": None if c.logprobs is None else {"content": c.logprobs, "refusal": None},
-                "finish_reason": c.finish_reason,
+                "finish_reason": finish,
             }
             for i, c in sorted(self.choices.items())
+            for message, finish in [self._message(c)]
         ]
         return {**self._envelope(self.object_name, choices), "usage": self.usage()}

@@ -18,8 +18,9 @@ def engine_messages(messages: list[ChatMessage], max_images: int, max_image_byte
     out = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        if isinstance(message.content, str):
-            out.append({"role": role, "content": message.content})
+        extra = {k: v for k in ("tool_calls", "tool_call_id") if (v := getattr(message, k)) is not None}
+        if not isinstance(message.content, list):
+            out.append({"role": role, "content": message.content or "", **extra})
             continue
         parts = []
         for j, part in enumerate(message.content):
@@ -29,5 +30,5 @@ def engine_messages(messages: list[ChatMessage], max_images: int, max_image_byte
                                                                               max_image_bytes)})
             else:
                 parts.append(part.model_dump())
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **extra})
     return out

@@ -5,7 +5,7 @@ Fields and ranges follow the OpenAI API reference; extensions (`top_k`, `repetit
 API also checks, so a bad value gets the same message over both (a `limit` error: `<field> is <value>; allowed
 <range>`). Models are strict (no `"5"` for 5, no `true` for 1) except that whole-number floats (`16.0`) are
 integers, as in JSON Schema; they ignore fields they do not know, as OpenAI-compatible servers do; the few
-OpenAI fields whose silent omission would change the answer (`logit_bias`, `suffix`, `tools`, ...) are declared
+OpenAI fields whose silent omission would change the answer (`logit_bias`, `suffix`) are declared
 and rejected when set. Deployment-dependent limits (`n` <= max_n, `max_tokens` <= max_model_len) are checked by
 the routes. Responses are plain dicts built by `formatters.py`; the error shape is in `errors.py`.
 """
@@ -21,6 +21,8 @@ from llama4serve.cluster.serving import limits
 from llama4serve.cluster.serving.openai.fields import (AtLeastOne, ChatMaxTokens, Logprobs, MaxTokens, Penalty,
                                                        RepetitionPenalty, Role, Seed, Temperature, TokenIds, TopK,
                                                        TopP, check_texts, raise_problem)
+from llama4serve.cluster.inputs.structured import StructuredOutputSpec, spec_from_request
+from llama4serve.cluster.inputs.tool_calls import ToolRequest, tool_call_spec, validate_tool_request
 from llama4serve.cluster.sampling_params import SamplingParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -64,6 +66,12 @@ class _SamplingFields(_Strict):
     repetition_penalty: RepetitionPenalty = Field(1.0, description="Extension: transformers-style; 1 is off.")
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence tokens.")
     stop_token_ids: TokenIds = Field(default_factory=list, description="Extension: token ids that end the completion.")
+    response_format: dict | None = Field(
+        None, description="{'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+                          "{'name', 'schema', 'strict'}}: the output matches it.")
+    structured_outputs: dict | None = Field(
+        None, description="Extension (vLLM): exactly one of json (a schema), regex, choice (strings), grammar "
+                          "(EBNF or Lark), json_object: true.")
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -90,9 +98,15 @@ class _SamplingFields(_Strict):
             raise PydanticCustomError("unsupported", "is not supported by this server; leave it unset")
         return value
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
+    def structured_spec(self) -> StructuredOutputSpec | None:
+        """The output constraint of `response_format` / `structured_outputs`; ValueError naming the field."""
+        return spec_from_request(self.response_format, self.structured_outputs)
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: bool = False,
+                        structured: StructuredOutputSpec | None = None) -> SamplingParams:
         """Engine parameters of choice 0 (the routes give choice i `seed + i`); raises ValueError naming a field."""
         return SamplingParams(
+            structured_outputs=self.structured_spec() if structured is None else structured,
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -194,13 +208,29 @@ CONTENT_PART_TYPES = ("text", "image_url")
 
 
 class ChatMessage(_Strict):
-    """A message; `developer` is read as `system`. Tool messages are not supported (no tool calling)."""
+    """A message; `developer` is read as `system`. Assistant messages may carry `tool_calls` (then `content` may
+    be null); `tool` messages answer one (`tool_call_id`)."""
 
     role: Role = Field(description="Who wrote the message.")
-    content: str | list[TextPart | ImageURLPart] = Field(
+    content: str | list[TextPart | ImageURLPart] | None = Field(
         description="A string or a list of parts: text, and images as base64 data URLs."
     )
     name: str | None = Field(None, description="Accepted and ignored.")
+    tool_calls: list[dict] | None = Field(None, description="Assistant messages: the calls it made (OpenAI shape).")
+    tool_call_id: str | None = Field(None, description="Tool messages: the id of the call answered.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_without_content(cls, data):
+        if isinstance(data, dict) and "content" not in data and data.get("tool_calls"):
+            data = {**data, "content": None}  # an assistant message that only calls tools
+        return data
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is null; only an assistant message with tool_calls may omit it")
+        return self
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -216,12 +246,12 @@ class ChatMessage(_Strict):
                             '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}'
         )
         parts = [("", value)] if isinstance(value, str) else \
-            [(f"[{j}].text", p.text) for j, p in enumerate(value) if isinstance(p, TextPart)]
+            [(f"[{j}].text", p.text) for j, p in enumerate(value or []) if isinstance(p, TextPart)]
         check_texts(parts)
         return value
 
     def num_images(self) -> int:
-        return 0 if isinstance(self.content, str) else sum(isinstance(p, ImageURLPart) for p in self.content)
+        return 0 if not isinstance(self.content, list) else sum(isinstance(p, ImageURLPart) for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -236,30 +266,23 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Logprobs | None = Field(
         None, description="Also this many most likely alternatives (needs logprobs)."
     )
-    tools: list[dict] | None = Field(None, description="Not supported; must be unset or empty.")
-    tool_choice: str | dict | None = Field(None, description="Not supported; must be unset or 'none'.")
-    response_format: dict | None = Field(None, description="Only {'type': 'text'} is supported.")
+    tools: list[dict] | None = Field(None, description="Function tools the model may call (OpenAI shape).")
+    tool_choice: str | dict | None = Field(
+        None, description="'none', 'auto' (default with tools), 'required', or {'type': 'function', 'function': "
+                          "{'name'}}; required and named calls decode under a grammar, so they always parse.")
+    parallel_tool_calls: bool | None = Field(None, description="Allow several calls in one answer (default true).")
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, value):
-        if value:
-            raise PydanticCustomError("unsupported", "tool calling is not supported by this server")
-        return value
+    def tool_request(self) -> ToolRequest | None:
+        """The validated tool settings (None without tools); ValueError naming the field."""
+        return validate_tool_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, value):
-        if value not in (None, "none"):
-            raise PydanticCustomError("unsupported", "tool calling is not supported by this server")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, value):
-        if value is not None and value.get("type") != "text":
-            raise PydanticCustomError("unsupported", "only {'type': 'text'} is supported")
-        return value
+    def chat_spec(self, tools: ToolRequest | None) -> StructuredOutputSpec | None:
+        """The output constraint: a required or named tool call's grammar, else `structured_spec()`."""
+        spec, call = self.structured_spec(), tool_call_spec(tools)
+        if spec is not None and call is not None:
+            raise ValueError(f"tool_choice {self.tool_choice!r} forces a tool call; it cannot be combined with "
+                             "response_format or structured_outputs")
+        return call or spec
 
     @model_validator(mode="after")
     def _top_logprobs(self):

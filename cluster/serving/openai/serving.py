@@ -270,14 +270,18 @@ class OpenAIServer:
         max_tokens = body.max_completion_tokens or body.max_tokens or self.ctx.max_model_len
         self._check_common(body, max_tokens, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         try:
-            params = body.sampling_params(max_tokens, body.engine_logprobs())
+            tools = body.tool_request()
+            params = body.sampling_params(max_tokens, body.engine_logprobs(), structured=body.chat_spec(tools))
         except ValueError as err:
             raise engine_error(err) from None
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         messages = engine_messages(body.messages, getattr(self.ctx, "max_images_per_request", 8),
                                    getattr(self.ctx, "max_image_bytes", 20 * 2**20))
-        formatter = ChatFormatter(request_id, self.ctx.model_name, self.ctx.tokenizer, body)
-        return await self._respond(self._jobs([messages], body.n, params, request_id), formatter, body, request)
+        prompt = messages if tools is None else {
+            "messages": messages, "tools": body.tools, "tool_choice": body.tool_choice,
+            "parallel_tool_calls": body.parallel_tool_calls}
+        formatter = ChatFormatter(request_id, self.ctx.model_name, self.ctx.tokenizer, body, tools)
+        return await self._respond(self._jobs([prompt], body.n, params, request_id), formatter, body, request)
 
     def model_card(self) -> dict:
         return {"id": self.ctx.model_name, "object": "model", "created": 0, "owned_by": "llama4serve",
