@@ -28,6 +28,7 @@ class InstanceSpec:
     num_chunk_blocks: int
     max_model_len: int
     eos_ids: frozenset[int]
+    enable_prefix_caching: bool = True
 
     @classmethod
     def load(cls, config: EngineConfig) -> "InstanceSpec":
@@ -56,12 +57,13 @@ class InstanceSpec:
         per_seq_chunk = -(-min(chunk or bs, max_model_len) // bs) + 1
         num_chunk = config.num_chunk_blocks or per_seq_chunk * config.max_num_seqs
         eos = set(cfg.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else [])
-        return cls(cfg, tokenizer, prompts, dtype, bs, chunk, num_full, num_chunk, max_model_len, frozenset(eos))
+        return cls(cfg, tokenizer, prompts, dtype, bs, chunk, num_full, num_chunk, max_model_len, frozenset(eos),
+                   config.enable_prefix_caching)
 
     def block_manager(self) -> BlockManager:
         cfg = self.model_cfg
         return BlockManager(self.num_full_blocks, self.num_chunk_blocks, self.block_size, self.chunk_size,
-                            bool(cfg.full_layers), bool(cfg.chunked_layers))
+                            bool(cfg.full_layers), bool(cfg.chunked_layers), self.enable_prefix_caching)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the field and the allowed range when a request cannot be served."""

@@ -1,11 +1,12 @@
 """Continuous-batching scheduler (plain Python, no torch): which sequences run this step, with how many tokens.
 
 Each step: running sequences first (decode one token, or the next piece of a prompt), then new sequences from
-the waiting queue while the token budget, `max_num_seqs` and both KV pools allow. When blocks run out, the
+the waiting queue while the token budget, `max_num_seqs` and both KV pools allow, each starting after the
+longest prefix of its tokens the prefix cache holds (`block_manager.py`). When blocks run out, the
 newest running sequence is preempted (its blocks freed; it is recomputed later from its tokens).
 
-Image prompts: the step at position 0 carries the pixel values (an ObjectRef) so the actor encodes them once per
-(re)prefill; sequences that end or are preempted while the actor may hold their features are listed in
+Image prompts: the first step of a (re)prefill (at position 0, or after a cached prefix that ends before the
+last image row) carries the pixel values (an ObjectRef) so the actor encodes them once per (re)prefill; sequences that end or are preempted while the actor may hold their features are listed in
 `take_released()` for the next step of that actor.
 """
 
@@ -15,8 +16,9 @@ from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 
-from llama4serve.actors.step_io import SamplingSpec, SeqOutput, SeqStep
+from llama4serve.actors.step_io import GrammarRef, SamplingSpec, SeqOutput, SeqStep
 from llama4serve.cluster.engine.block_manager import BlockManager
+from llama4serve.cluster.engine.prefix_cache import BlockHasher, block_hashes
 from llama4serve.cluster.sampling_params import SamplingParams
 
 
@@ -27,6 +29,7 @@ class SeqImages:
     pixels: object
     patch_positions: list[int]  # prompt positions of the <|patch|> tokens, ascending; one feature row each
     sent: bool = False  # the actor may hold this sequence's features
+    tile_hashes: list[bytes] = field(default_factory=list)  # content hash of each tile (prefix cache)
 
     @property
     def end(self) -> int:
@@ -49,6 +52,9 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     images: SeqImages | None = None
+    hasher: BlockHasher | None = None  # the prefix cache's hashes of this sequence's full blocks
+    grammar: GrammarRef | None = None  # structured outputs: the compiled grammar the actor masks with
+    grammar_sent: bool = False  # the actor holds this sequence's matcher
 
     @property
     def all_ids(self) -> list[int]:
@@ -75,15 +81,19 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.released: list[int] = []  # image sequences whose cached features the actor must drop
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_cache_hits = 0  # of those, tokens served from the cache
 
     def take_released(self) -> list[int]:
         released, self.released = self.released, []
         return released
 
     def _release(self, seq: Sequence) -> None:
-        if seq.images is not None and seq.images.sent:
+        if (seq.images is not None and seq.images.sent) or seq.grammar_sent:
             self.released.append(seq.seq_id)
-            seq.images.sent = False
+            seq.grammar_sent = False
+            if seq.images is not None:
+                seq.images.sent = False
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -123,6 +133,13 @@ class Scheduler:
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def recompute_all(self, blocks: BlockManager) -> None:
+        """The actor holding this KV was replaced: the running sequences are preempted, in order, to start over
+        from their tokens (prompt + tokens so far) on `blocks`, a fresh block manager for its empty cache."""
+        for seq in reversed(list(self.running)):
+            self.preempt(seq)
+        self.released, self.blocks = [], blocks
+
     def _step_for(self, seq: Sequence, n: int) -> SeqStep:
         start, end = seq.num_computed, seq.num_computed + n
         full, read, write = self.blocks.append(seq.seq_id, start, end)
@@ -135,7 +152,7 @@ class Scheduler:
         pixels, image_offset = None, 0
         if seq.images is not None and start < seq.images.end:
             image_offset = bisect_left(seq.images.patch_positions, start)
-            if start == 0:
+            if not seq.images.sent:  # the first step of a (re)prefill: at 0, or after a cached prefix
                 pixels, seq.images.sent = seq.images.pixels, True
         return SeqStep(
             seq_id=seq.seq_id,
@@ -152,7 +169,16 @@ class Scheduler:
             penalty_output_ids=seq.output_ids if penalized else [],
             image_pixels=pixels,
             image_offset=image_offset,
+            **self._grammar_fields(seq),
         )
+
+    @staticmethod
+    def _grammar_fields(seq: Sequence) -> dict:
+        """The grammar and the tokens to replay into it, on a constrained sequence's first step since admission."""
+        if seq.grammar is None or seq.grammar_sent:
+            return {}
+        seq.grammar_sent = True
+        return {"grammar": seq.grammar, "grammar_replay": list(seq.output_ids)}
 
     def decode_steps_limit(self, scheduled: list[tuple[Sequence, SeqStep]], max_steps: int) -> int:
         """How many decode steps the scheduled batch may run in one actor call (multi-step scheduling), >= 1.
@@ -201,14 +227,30 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens, budget)
-            if not self.blocks.can_append(seq.seq_id, n):
+            cached = self.cached_prefix(seq)
+            hashes = seq.hasher.hashes if cached else []
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_admit(hashes, cached, cached + n):
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            self.blocks.take_prefix(seq.seq_id, hashes, cached)
+            seq.num_computed = cached
+            if self._uses_cache(seq):
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += cached
             scheduled.append((seq, self._step_for(seq, n)))
             budget -= n
         return scheduled
+
+    def _uses_cache(self, seq: Sequence) -> bool:  # prompt logprobs need every position's logits: no reuse
+        return self.blocks.enable_caching and not seq.params.prompt_logprobs
+
+    def cached_prefix(self, seq: Sequence) -> int:
+        """Tokens of the sequence's longest prefix this actor's cache holds (0 when it may not use the cache)."""
+        if not self._uses_cache(seq):
+            return 0
+        return self.blocks.cached_prefix(block_hashes(seq, self.blocks.block_size, seq.num_tokens), seq.num_tokens)
 
     # ---------------------------------------------------------------- after a step
     def postprocess(self, scheduled: list[tuple[Sequence, SeqStep]], result: list, num_steps: int) -> list[Sequence]:
@@ -222,6 +264,9 @@ class Scheduler:
                 if seq.finish_reason is not None:  # aborted while the step ran, or finished at an earlier step
                     continue
                 seq.num_computed = step.end_pos + j
+                if self.blocks.enable_caching:
+                    hashes = block_hashes(seq, self.blocks.block_size, seq.num_computed)
+                    self.blocks.cache_computed(seq.seq_id, hashes, seq.num_computed)
                 self.blocks.finish_step(seq.seq_id)
                 if out.prompt_logprobs:  # prompt positions start_pos + 1.., each written once (recompute too)
                     del seq.prompt_logprobs[step.start_pos + 1:], seq.prompt_top_logprobs[step.start_pos + 1:]
@@ -242,7 +287,8 @@ class Scheduler:
         if out.logprob is not None:
             seq.logprobs.append(out.logprob)
             seq.top_logprobs.append(out.top_logprobs or [])
-        if out.token_id in p.stop_token_ids or (not p.ignore_eos and out.token_id in self.eos_ids):
+        if out.token_id in p.stop_token_ids or (not p.ignore_eos and out.token_id in self.eos_ids) \
+                or out.grammar_terminated:
             self.finish(seq, "stop")
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self.finish(seq, "length")
