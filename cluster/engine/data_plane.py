@@ -1,7 +1,7 @@
 """The data plane of one model instance, as the engine sees it: Ray start-up, the placement group (a bundle per
 actor), the attention and expert actors (named by role, `attention-0`, `expert-2`, so the Ray dashboard shows
-them), their process group, and every wait on them under one deadline. A dead actor or a step that outlives
-the deadline raises `DataPlaneError`, never hangs.
+them), their process group, and every wait on them under one deadline: start-up raises `DataPlaneError`, a
+step's calls end in results or errors (`collect`) that `recovery.py` sorts into dead actors and bugs; never hangs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,35 @@ from llama4serve.actors.model.experts import expert_split
 from llama4serve.actors.step_io import StepBatch
 from llama4serve.cluster.config import EngineConfig
 from llama4serve.cluster.errors import DataPlaneError
+
+
+HUNG_GRACE_S = 10.0  # a call still running this long after another rank's collective failed is hung
+
+
+class StepLate(Exception):
+    """A data-plane call still running when the step was given up (see `DataPlane.collect`)."""
+
+    def __init__(self, deadline_s: float):
+        super().__init__(f"hung: still running {HUNG_GRACE_S:g} s after another rank's collective failed, or "
+                         f"{deadline_s:.0f} s (collective_timeout_s + 30) after the step began")
+
+
+@dataclass
+class InFlight:
+    """The step last launched: what each attention actor got (by index), and each call's actor and ref."""
+
+    batches: dict[int, StepBatch]
+    capacity: int
+    num_steps: int
+    names: list[str]
+    refs: list
+
+
+def _outcome(ref):
+    try:
+        return ray.get(ref)
+    except Exception as err:  # noqa: BLE001 - the recovery sorts deaths from bugs
+        return err
 
 
 class _LocalRay:
@@ -134,6 +163,8 @@ class DataPlane:
         self.experts: list = []
         self.placement: Placement | None = None
         self.backend: str | None = None
+        self.bounds: list[tuple[int, int]] | None = None
+        self.inflight: InFlight | None = None
         self._uses_local_ray = start_ray(config)
         try:
             self._start(dtype, block_size, num_full, num_chunk, num_experts)
@@ -144,35 +175,50 @@ class DataPlane:
     def _start(self, dtype: str, block_size: int, num_full: int, num_chunk: int, num_experts: int) -> None:
         config = self.config
         a, e = config.attention_actors, config.expert_actors
-        bounds = expert_split(num_experts, e) if e else None
-        self.placement = placement = place(config)
-        namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
-        # Attention and expert phases alternate within a step, so each role gets the cores to itself.
-        cores = os.cpu_count() or 1
-        attention_threads = config.torch_threads or max(1, cores // a)
-        expert_threads = config.torch_threads or max(1, cores // max(e, 1))
-
-        def options(cls, name: str, bundle: int):
-            return ray.remote(cls).options(
-                name=name, namespace=namespace, num_cpus=config.num_cpus_per_actor, num_gpus=placement.num_gpus,
-                max_concurrency=1, scheduling_strategy=placement.strategy(bundle),
-            )
-
-        for i in range(a):
-            self.attention.append(options(AttentionActor, f"attention-{i}", i).remote(
-                config.model, dtype, num_full, num_chunk, block_size, attention_threads, bounds, a,
-                device=config.device, cuda_graph_batch_sizes=config.cuda_graph_batch_sizes))
-        for j in range(e):
-            self.experts.append(options(ExpertShardActor, f"expert-{j}", a + j).remote(
-                config.model, dtype, bounds, j, expert_threads, device=config.device))
+        self.bounds = expert_split(num_experts, e) if e else None
+        self.placement = place(config)
+        self.namespace = f"llama4serve-{uuid.uuid4().hex[:8]}"
+        self._kv_args = (dtype, num_full, num_chunk, block_size)
+        self.attention = [self.spawn(f"attention-{i}") for i in range(a)]
+        self.experts = [self.spawn(f"expert-{j}") for j in range(e)]
         names = self.names()
         self.actor_info = dict(zip(names, self.gather([x.ready.remote() for x in self.attention + self.experts])))
         if e:
-            timeout = config.collective_timeout_s
-            master = ray.get(self.attention[0].master_address.remote(), timeout=timeout)
-            joins = [x.join_group.remote(master, i, a + e, timeout) for i, x in enumerate(self.attention)]
-            joins += [x.join_group.remote(master, a + j, a + e, a, timeout) for j, x in enumerate(self.experts)]
-            self.backend = self.gather(joins)[0]
+            self.backend = self.gather(self.form_group())[0]
+
+    def spawn(self, name: str):
+        """Starts the actor `name` (`attention-i` or `expert-j`) in its own bundle of the placement group; the
+        recovery starts a replacement the same way, under the same name."""
+        config, placement = self.config, self.placement
+        a, e = config.attention_actors, config.expert_actors
+        role, index = name.rsplit("-", 1)
+        index = int(index)
+        # Attention and expert phases alternate within a step, so each role gets the cores to itself.
+        cores = os.cpu_count() or 1
+        threads = config.torch_threads or max(1, cores // (a if role == "attention" else max(e, 1)))
+        cls = AttentionActor if role == "attention" else ExpertShardActor
+        # With expert actors the roles take turns on the cores: an OpenMP thread that spins after its work would
+        # hold the core the peer's phase needs (measured: 3-4x the in-step exchange cost on 2 cores), so they sleep.
+        env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}} if e else None
+        options = ray.remote(cls).options(
+            name=name, namespace=self.namespace, num_cpus=config.num_cpus_per_actor, num_gpus=placement.num_gpus,
+            max_concurrency=1, scheduling_strategy=placement.strategy(index if role == "attention" else a + index),
+            runtime_env=env)
+        dtype, num_full, num_chunk, block_size = self._kv_args
+        if role == "attention":
+            return options.remote(config.model, dtype, num_full, num_chunk, block_size, threads, self.bounds, a,
+                                  device=config.device, cuda_graph_batch_sizes=config.cuda_graph_batch_sizes)
+        return options.remote(config.model, dtype, self.bounds, index, threads, device=config.device)
+
+    def form_group(self) -> list:
+        """Every rank joins a new process group (a new port on attention-0's node; each rank leaves its old group
+        first): the refs of the joins, which return the backend."""
+        a, e, timeout = len(self.attention), len(self.experts), self.config.collective_timeout_s
+        master = ray.get(self.attention[0].master_address.remote(), timeout=timeout)
+        transport = self.config.expert_transport
+        joins = [x.join_group.remote(master, i, a + e, timeout, transport) for i, x in enumerate(self.attention)]
+        return joins + [x.join_group.remote(master, a + j, a + e, a, timeout, transport)
+                        for j, x in enumerate(self.experts)]
 
     def names(self) -> list[str]:
         return ([f"attention-{i}" for i in range(len(self.attention))]
@@ -181,7 +227,22 @@ class DataPlane:
     def launch(self, batches: dict[int, StepBatch], capacity: int, num_steps: int) -> list:
         """Starts one step: `batches` by attention actor; with expert actors every rank takes part."""
         refs = [self.attention[i].step.remote(batch) for i, batch in batches.items()]
-        return refs + [x.run_step.remote(capacity, num_steps) for x in self.experts]
+        refs += [x.run_step.remote(capacity, num_steps) for x in self.experts]
+        names = [f"attention-{i}" for i in batches] + [f"expert-{j}" for j in range(len(self.experts))]
+        self.inflight = InFlight(batches, capacity, num_steps, names, refs)
+        return refs
+
+    def relaunch(self, replaced: set[int]) -> list:
+        """Redoes the step in flight after a recovery: with expert actors every rank runs it again (the attention
+        KV it wrote is rewritten with the same values), the replaced attention actors `replaced` with no
+        sequences; without, only the replaced ones run, empty, and the others' results stand."""
+        step, batches, refs = self.inflight, {}, []
+        for (i, batch), ref in zip(step.batches.items(), step.refs):
+            batches[i] = StepBatch([], step.capacity, [], step.num_steps) if i in replaced else batch
+            refs.append(self.attention[i].step.remote(batches[i]) if i in replaced or self.experts else ref)
+        refs += [x.run_step.remote(step.capacity, step.num_steps) for x in self.experts]
+        self.inflight = InFlight(batches, step.capacity, step.num_steps, step.names, refs)
+        return refs
 
     @property
     def deadline_s(self) -> float:
@@ -204,14 +265,27 @@ class DataPlane:
                 raise DataPlaneError(f"data-plane actor failed: {err}") from err
         return ray.get(refs)
 
-    async def gather_async(self, refs: list) -> list:
-        """`gather` for asyncio: the same deadline, failing at the first error."""
-        try:
-            return await asyncio.wait_for(asyncio.gather(*refs), timeout=self.deadline_s)
-        except asyncio.TimeoutError:
-            raise self._late() from None
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
-            raise DataPlaneError(f"data-plane actor failed: {err}") from err
+    def collect(self, refs: list) -> list:
+        """Every call's result or its exception; `StepLate` for one still running at the deadline, or
+        `HUNG_GRACE_S` after another rank's collective failed (that rank waited collective_timeout_s for it)."""
+        outcomes, pending, deadline = {}, list(refs), time.monotonic() + self.deadline_s
+        while pending and (timeout := deadline - time.monotonic()) > 0:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+            for ref in ready:
+                outcomes[ref] = _outcome(ref)
+                if isinstance(outcomes[ref], ray.exceptions.RayTaskError):
+                    deadline = min(deadline, time.monotonic() + HUNG_GRACE_S)
+        return [outcomes[ref] if ref in outcomes else StepLate(self.deadline_s) for ref in refs]
+
+    async def collect_async(self, refs: list) -> list:
+        """`collect` for asyncio."""
+        futures = [asyncio.wrap_future(ref.future()) for ref in refs]
+        pending, deadline = set(futures), time.monotonic() + self.deadline_s
+        while pending and (timeout := deadline - time.monotonic()) > 0:
+            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if any(isinstance(f.exception(), ray.exceptions.RayTaskError) for f in done):
+                deadline = min(deadline, time.monotonic() + HUNG_GRACE_S)
+        return [StepLate(self.deadline_s) if f in pending else (f.exception() or f.result()) for f in futures]
 
     def shutdown(self) -> None:
         """Kills the actors and releases their placement group (idempotent)."""

@@ -1,0 +1,57 @@
+"""The recovery's restart budget and how it tells dead actors from bugs (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from llama4serve.cluster.config import EngineOptions
+from llama4serve.cluster.engine.data_plane import StepLate
+from llama4serve.cluster.engine.recovery import RestartBudget, dead_actors
+from llama4serve.cluster.errors import DataPlaneError
+
+NAMES = ["attention-0", "expert-0", "expert-1"]
+
+
+def _task_error(message: str) -> ray.exceptions.RayTaskError:
+    return ray.exceptions.RayTaskError("step", f"Traceback\n  File \"x.py\"\nRuntimeError: {message}",
+                                       RuntimeError(message))
+
+
+def test_budget_per_actor_within_the_window():
+    budget = RestartBudget(max_restarts=2, window_s=0.3)
+    assert budget.charge("expert-0", "died") == 1 and budget.charge("expert-0", "died") == 2
+    assert budget.charge("expert-1", "died") == 1  # per actor
+    with pytest.raises(DataPlaneError, match=r"expert-0 failed \(died\) and is not restarted again: it was "
+                                             r"restarted 2 times in the last 0.3 s, and max_actor_restarts is 2"):
+        budget.charge("expert-0", "died")
+    time.sleep(0.35)  # the window has passed
+    assert budget.charge("expert-0", "died") == 1
+
+
+def test_zero_restarts_is_fail_stop():
+    with pytest.raises(DataPlaneError, match=r"recovery is off \(max_actor_restarts is 0\)"):
+        RestartBudget(0, 600).charge("attention-0", "died")
+
+
+def test_dead_actors_sorts_deaths_from_bugs():
+    ok = [[], [], []]
+    assert dead_actors(NAMES, ok) == {}
+    died = [_task_error("Connection closed by peer"), ray.exceptions.ActorDiedError(), 3]
+    assert list(dead_actors(NAMES, died)) == ["expert-0"]  # the others' errors follow from its death
+    hung = [_task_error("timed out"), StepLate(34), 3]
+    assert "hung" in dead_actors(NAMES, hung)["expert-0"]
+    with pytest.raises(DataPlaneError, match="(?s)data-plane actor attention-0 failed: .*bad index"):
+        dead_actors(NAMES, [_task_error("bad index"), 1, 2])  # no dead actor explains it: a bug
+    with pytest.raises(DataPlaneError, match="attention-0 failed: hung"):
+        dead_actors(NAMES, [StepLate(34)] * 3)  # nobody answered: nothing to blame on one actor
+
+
+def test_budget_options_are_validated():
+    assert EngineOptions().max_actor_restarts == 3 and EngineOptions().actor_restart_window_s == 600
+    with pytest.raises(ValueError, match="max_actor_restarts"):
+        EngineOptions(max_actor_restarts=-1)
+    with pytest.raises(ValueError, match="actor_restart_window_s"):
+        EngineOptions(actor_restart_window_s=0)
