@@ -1,8 +1,9 @@
 """Router: the token shuffle between an attention rank and the expert ranks, per MoE layer.
 
 The gate (top-k, sigmoid score) runs in the model; this moves the score-scaled rows. Rows are sorted by expert
-(which also sorts them by owning rank, since ranks own contiguous expert ranges) and go out with
-`all_to_all_single` (dispatch: a fixed-size block per expert rank, headed by the per-local-expert counts); the
+(which also sorts them by owning rank, since ranks own contiguous expert ranges) and go out through the
+exchange (`exchange.py`: the process group's `all_to_all_single`, or `shm_transport.py` on one machine; dispatch:
+a fixed-size block per expert rank, headed by the per-local-expert counts); the
 expert ranks run their grouped SwiGLU over every block at once and send each block back whole (combine: the
 same fixed size, `capacity` rows per block). Every rank joins both collectives of every MoE layer, also with
 zero rows. Every split is a plain number fixed by the step's capacity and every index is computed on the rows'
@@ -18,10 +19,11 @@ import time
 from typing import Callable
 
 import torch
-import torch.distributed as dist
+import torch.distributed as dist  # noqa: F401 - the fake-CUDA tests patch router.dist.all_to_all_single
 
 from llama4serve.kernels.grouped_experts import expert_ids_from_counts
 from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.parallel.exchange import CollectiveExchange
 
 
 class ExpertLayout:
@@ -89,13 +91,9 @@ class Router:
         self.dtype = dtype
         self.device = torch.device(device)
         self.header_rows = header_rows(layout, hidden_size, dtype)
+        self.exchange: CollectiveExchange = CollectiveExchange(layout.first_expert_rank, layout.world_size)
         self.exchange_seconds = 0.0  # from dispatch to combined results, incl. the expert ranks' compute
         self.exchanges = 0
-
-    def splits(self, rows_per_block: int) -> list[int]:
-        """Rows this rank exchanges with each rank: a fixed block with every expert rank, none with the others."""
-        first = self.layout.first_expert_rank
-        return [0] * first + [rows_per_block] * (self.layout.world_size - first)
 
     def start(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int
@@ -113,20 +111,20 @@ class Router:
         within = torch.arange(n, device=x.device) - starts.index_select(0, rank_sorted)
         slot = rank_sorted * capacity + within  # [N] row slot of each sorted row in the [R * C] blocks
         rows = x.new_zeros(num_ranks * capacity, h).index_copy_(0, slot, x.index_select(0, order))  # [R * C, H]
-        buf = torch.cat([encode_counts(counts, head, h, x.dtype), rows.view(num_ranks, capacity, h)], dim=1)
-        zeros = [0] * world
+        header = encode_counts(counts, head, h, x.dtype)  # [R, head, H]
+        buf = torch.cat([header, rows.view(num_ranks, capacity, h)], dim=1)  # [R, B, H], B = head + C
         # Dispatch returns once the rows are sent; the caller computes the shared expert while the expert ranks
         # work, then `finish` collects the combine.
-        dist.all_to_all_single(x.new_empty(0, h), buf.view(-1, h), zeros, self.splits(head + capacity))
+        self.exchange.dispatch(buf)
         self.exchange_seconds += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
             t1 = time.perf_counter()
-            back = x.new_empty(num_ranks * capacity, h)  # [R * C, H] every block, in dispatch order
-            dist.all_to_all_single(back, x.new_empty(0, h), self.splits(capacity), zeros)
+            back = self.exchange.combine(capacity, x).reshape(num_ranks * capacity, h)  # [R * C, H] dispatch order
+            out = torch.empty_like(x).index_copy_(0, order, back.index_select(0, slot))
             self.exchange_seconds += time.perf_counter() - t1
             self.exchanges += 1
-            return torch.empty_like(x).index_copy_(0, order, back.index_select(0, slot))
+            return out
 
         return finish
 
@@ -139,21 +137,17 @@ class Router:
 
 
 def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hidden_size: int, dtype,
-                    capacity: int, device: torch.device | str = "cpu") -> torch.Tensor:
+                    capacity: int, device: torch.device | str = "cpu",
+                    exchange: CollectiveExchange | None = None) -> torch.Tensor:
     """An expert rank's side of one MoE layer: receive each attention rank's block, run the grouped SwiGLU over
     every block at once (padding rows give zeros), send each block back whole. Returns the number of rows
     served, a 0-dim tensor on `device` (reading it is the caller's sync, after the layer loop)."""
-    first, world = layout.first_expert_rank, layout.world_size
-    head = header_rows(layout, hidden_size, dtype)
-    block = head + capacity
-    recv = torch.empty(first * block, hidden_size, dtype=dtype, device=device)
-    zeros = [0] * world
-    empty = torch.empty(0, hidden_size, dtype=dtype, device=device)
-    dist.all_to_all_single(recv, empty, [block] * first + [0] * (world - first), zeros)
-    recv = recv.view(first, block, hidden_size)
+    exchange = exchange or CollectiveExchange(layout.first_expert_rank, layout.world_size)
+    first, head = layout.first_expert_rank, header_rows(layout, hidden_size, dtype)
+    recv = exchange.receive(head + capacity, hidden_size, dtype, device)  # [A, B, H]
     counts = decode_counts(recv[:, :head], layout.max_local)  # [A, M]
     # Within each source's block, rows are sorted by local expert: their expert ids follow from the counts.
     expert_ids = expert_ids_from_counts(counts, capacity, experts.first_expert)  # [A * C], -1 for padding
     out = experts(layer, recv[:, head:].reshape(first * capacity, hidden_size), expert_ids)  # [A * C, H]
-    dist.all_to_all_single(empty, out, zeros, [capacity] * first + [0] * (world - first))
+    exchange.reply(out.view(first, capacity, hidden_size))
     return counts.sum()

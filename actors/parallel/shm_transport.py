@@ -1,0 +1,220 @@
+"""Shared-memory exchange for the ranks of one machine: the router's four calls (`exchange.CollectiveExchange`)
+through one mapped file in /dev/shm, with a per-rank sequence counter as the doorbell.
+
+An attention rank writes its block for expert rank j into slot (j, a), then bumps its counter and wakes its
+waiters (futex); expert rank j waits for every attention rank's counter, computes straight from its slots,
+writes its reply to slot (a, j) of the combine region and bumps its own counter. No slot is overwritten before
+its reader is done: an attention rank dispatches again only after every reply of the last layer came in, and an
+expert rank replies again only after the next dispatch, so one counter per rank is all the synchronization.
+The counters are plain aligned int32 stores after the data's stores; x86's total store order keeps them in that
+order (on other CPUs `make_exchange` keeps the collective).
+
+Waits spin for `spin_s` (0 by default: with more processes than cores a spinning waiter takes the core its
+peer needs) and then sleep in futex_wait, in slices of `POLL_S`; after each slice every rank's process is
+checked, so a dead peer raises within POLL_S and a stuck one within `timeout_s`. A rank that raises sets the
+abort word and wakes every waiter, which then raises too: no survivor waits on a live rank that gave up. Dispatch
+blocks larger than a slot go over the collective, and so does their reply; every rank sees the same sizes, so
+all of them take the same path.
+
+Shapes: A attention ranks, R expert ranks, B rows per block, H hidden.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import time
+import uuid
+
+import torch
+
+from llama4serve.actors.parallel.exchange import CollectiveExchange
+
+POLL_S = 0.05  # futex slice between liveness checks of every rank
+COUNTER_STRIDE = 64  # one cache line per rank's counter
+SYS_FUTEX = {"x86_64": 202}.get(platform.machine())
+FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not PRIVATE): the waiters are other processes
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def futex_wait(addr: int, expected: int, timeout_s: float) -> None:
+    """Sleeps while the int32 at `addr` equals `expected`, at most `timeout_s` (returns early on a wake)."""
+    ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
+    _libc.syscall(SYS_FUTEX, ctypes.c_void_p(addr), FUTEX_WAIT, ctypes.c_int(expected), ctypes.byref(ts), None, 0)
+
+
+def futex_wake(addr: int) -> None:
+    _libc.syscall(SYS_FUTEX, ctypes.c_void_p(addr), FUTEX_WAKE, ctypes.c_int(2**31 - 1), None, None, 0)
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs on this machine (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def machine_key() -> str:
+    """Equal on two processes exactly when they share this machine's /dev/shm and pid namespace and, inside
+    Ray, one Ray node (ranks on different Ray nodes keep the collective, also where the nodes share a machine)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        node = ""
+    return f"{boot}/{platform.node()}/{os.readlink('/proc/self/ns/pid')}/{os.stat('/dev/shm').st_ino}/{node}"
+
+
+class PeerFailed(RuntimeError):
+    pass
+
+
+class ShmExchange(CollectiveExchange):
+    """The exchange through shared memory; see the module docstring. `pids[r]` is rank r's process."""
+
+    name = "shm"
+
+    def __init__(self, path: str, rank: int, first_expert_rank: int, world_size: int, pids: list[int],
+                 slot_bytes: int, timeout_s: float, spin_s: float = 0.0):
+        super().__init__(first_expert_rank, world_size)
+        self.rank, self.pids, self.slot_bytes = rank, pids, slot_bytes
+        self.timeout_s, self.spin_s = timeout_s, spin_s
+        a, r = first_expert_rank, world_size - first_expert_rank
+        self.header = (world_size + 1) * COUNTER_STRIDE  # the counters, then the abort word
+        self.combine_offset = self.header + a * r * slot_bytes
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.map = mmap.mmap(fd, self.combine_offset + a * r * slot_bytes)
+        finally:
+            os.close(fd)
+        raw = torch.frombuffer(self.map, dtype=torch.uint8)  # the whole file, as bytes
+        views: dict[tuple, torch.Tensor] = {}  # slot views by (offset, count, every, rows, H, dtype)
+        # Behind a function: the transport's buffer, not tensors the actor holds (`resident.tensor_bytes`).
+        self.mapped = lambda: (raw, views)
+        self.counters = [ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE) for i in range(world_size)]
+        self.aborted = ctypes.c_int32.from_buffer(self.map, world_size * COUNTER_STRIDE)  # 1 + the aborting rank
+        self.addresses = [ctypes.addressof(c) for c in self.counters]
+        self.via_shm = True  # the path of this MoE layer's exchange, chosen by its dispatch block's size
+        self.seq = 0  # exchanges through shared memory so far, the same on every rank
+        self.waits = 0  # waits that found the peer not yet there (and slept or spun)
+
+    def _fits(self, rows: int, h: int, dtype: torch.dtype) -> bool:
+        return rows * h * dtype.itemsize <= self.slot_bytes
+
+    def _slots(self, offset: int, count: int, every: int, rows: int, h: int, dtype: torch.dtype) -> torch.Tensor:
+        """[count, rows, H] view of the mapped file: the slots at byte `offset` + i * `every` slots (cached)."""
+        key, (raw, views) = (offset, count, every, rows, h, dtype), self.mapped()
+        if (view := views.get(key)) is None:
+            size = dtype.itemsize
+            slot = self.slot_bytes // size
+            view = raw.view(dtype).as_strided((count, rows, h), (every * slot, h, 1), offset // size)
+            views[key] = view
+        return view
+
+    def _post(self) -> None:
+        self.counters[self.rank].value = self.seq
+        futex_wake(self.addresses[self.rank])
+
+    def _await(self, peer: int) -> None:
+        counter, want = self.counters[peer], self.seq
+        if counter.value == want:
+            return
+        self.waits += 1
+        start = time.monotonic()
+        if self.spin_s:  # yield while spinning: a runnable peer gets this core at once
+            while counter.value != want and time.monotonic() - start < self.spin_s:
+                os.sched_yield()
+        while (seen := counter.value) != want:
+            if (by := self.aborted.value) > 0:
+                raise PeerFailed(f"rank {by - 1} (pid {self.pids[by - 1]}) aborted the group's MoE exchange {want} "
+                                 "(a peer died or hung); the engine's recovery re-forms the group")
+            left = start + self.timeout_s - time.monotonic()
+            if left <= 0:
+                self._abort(TimeoutError(f"rank {peer} (pid {self.pids[peer]}) did not reach MoE exchange {want} "
+                                         f"within {self.timeout_s:.0f} s (collective_timeout_s); stuck or too slow"))
+            futex_wait(self.addresses[peer], seen, min(POLL_S, left))
+            if counter.value != want and (dead := [r for r, p in enumerate(self.pids) if not process_alive(p)]):
+                self._abort(PeerFailed(f"rank {dead[0]} (pid {self.pids[dead[0]]}) died during MoE exchange "
+                                       f"{want}; the engine's recovery replaces it and re-forms the group"))
+
+    def _abort(self, err: Exception) -> None:
+        """Marks the group failed and wakes every waiter (they raise too, at once), then raises `err`."""
+        self.aborted.value = self.rank + 1
+        for address in self.addresses:
+            futex_wake(address)
+        raise err
+
+    def _next(self) -> None:
+        self.seq = (self.seq + 1) & 0x7FFFFFFF
+
+    def dispatch(self, blocks: torch.Tensor) -> None:
+        num_ranks, rows, h = blocks.shape
+        self.via_shm = self._fits(rows, h, blocks.dtype)
+        if not self.via_shm:
+            return super().dispatch(blocks)
+        a = self.first_expert_rank  # slot (j, a): expert j's slots are consecutive
+        self._slots(self.header + self.rank * self.slot_bytes, num_ranks, a, rows, h, blocks.dtype).copy_(blocks)
+        self._next()
+        self._post()
+
+    def combine(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """[R, rows, H], a view of the shared slots, valid until this rank's next dispatch."""
+        h, a = like.shape[-1], self.first_expert_rank
+        if not self.via_shm:  # the reply takes the dispatch's path (its blocks are no larger)
+            return super().combine(rows, like)
+        for peer in range(a, self.world_size):
+            self._await(peer)
+        offset = self.combine_offset + self.rank * (self.world_size - a) * self.slot_bytes
+        return self._slots(offset, self.world_size - a, 1, rows, h, like.dtype)
+
+    def receive(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """[A, rows, H], a view of the shared slots, valid until this rank's reply."""
+        self.via_shm = self._fits(rows, hidden_size, dtype)
+        if not self.via_shm:
+            return super().receive(rows, hidden_size, dtype, device)
+        a, j = self.first_expert_rank, self.rank - self.first_expert_rank
+        self._next()
+        for peer in range(a):
+            self._await(peer)
+        return self._slots(self.header + j * a * self.slot_bytes, a, 1, rows, hidden_size, dtype)
+
+    def reply(self, blocks: torch.Tensor) -> None:
+        num_ranks, rows, h = blocks.shape
+        if not self.via_shm:
+            return super().reply(blocks)
+        r, j = self.world_size - self.first_expert_rank, self.rank - self.first_expert_rank
+        offset = self.combine_offset + j * self.slot_bytes  # slot (a, j): attention a's slots are consecutive
+        self._slots(offset, num_ranks, r, rows, h, blocks.dtype).copy_(blocks)
+        self._post()
+
+    def close(self) -> None:
+        del self.counters, self.aborted, self.mapped
+        try:
+            self.map.close()
+        except BufferError:  # a view handed out is still alive; the mapping goes with it
+            pass
+
+
+def create_file(world_size: int, first_expert_rank: int, slot_bytes: int) -> str:
+    """Rank 0: a new zeroed file in /dev/shm sized for the group; its path."""
+    a, r = first_expert_rank, world_size - first_expert_rank
+    path = f"/dev/shm/llama4serve-ep-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, (world_size + 1) * COUNTER_STRIDE + 2 * a * r * slot_bytes)
+    finally:
+        os.close(fd)
+    return path
