@@ -4,6 +4,12 @@
 the data plane while any request has work and sleeps otherwise. Everything that touches the scheduler runs on the
 event loop's thread; only the wait for the actors is awaited, so requests arrive and abort between steps (an
 abort frees the request's KV blocks at once).
+
+Steps overlap with output processing: as soon as step N's results are recorded (the scheduler's postprocess,
+which the next schedule needs), step N+1 is launched, and N's tokens are detokenized, checked for stop strings
+and handed out while the actors compute N+1 (a stop string found then drops the tokens N+1 samples for it).
+Servers that stream many requests through one channel use `add` / `take` / `release` with a `notify` callback
+instead of `generate` (the Serve `Engine` deployment does, see `serving/engine_deployment.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from llama4serve.cluster.config import EngineConfig
 from llama4serve.cluster.engine.core import EngineCore
@@ -33,14 +39,37 @@ class _Stream:
     """A request being streamed: its text state and when its caller should look again."""
 
     state: RequestState
+    notify: Callable[[], None] | None = None  # called (on the loop) when the stream may have something new
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float = 0.0
     started: bool = False  # the first update has been handed out
+    done: asyncio.Event | None = None  # for a server's own use (see serving/engine_streams.py)
 
     @property
     def seq(self):
         return self.state.seq
+
+    def poke(self) -> None:
+        self.wake.set()
+        if self.notify is not None:
+            self.notify()
+
+
+@dataclass
+class LoopTimes:
+    """Where the loop's time went, summed over steps (for `bench --suite serve` and docs/benchmarks.md)."""
+
+    steps: int = 0
+    wait_s: float = 0.0  # awaiting the actors' results, and recording them (the scheduler's postprocess)
+    launch_s: float = 0.0  # scheduling and sending the next step
+    outputs_s: float = 0.0  # detokenizing and stop strings, while the next step runs
+
+    def add(self, wait: float, launch: float, outputs: float, stepped: bool) -> None:
+        self.steps += stepped
+        self.wait_s += wait
+        self.launch_s += launch
+        self.outputs_s += outputs
 
 
 class AsyncEngine:
@@ -56,6 +85,7 @@ class AsyncEngine:
         self._work: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.metrics = EngineMetrics()
+        self.loop_times = LoopTimes()
 
     # ---------------------------------------------------------------- requests
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -67,29 +97,15 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Streams the request's updates; raises ValueError (naming the field) before the first on bad input,
         DataPlaneError when the instance fails. Closing the iterator early aborts the request."""
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already running")
-        try:
-            # Decoding and tiling images runs off the event loop; plain prompts are tokenized in place.
-            prepare = self.core.prepare
-            inputs = await asyncio.to_thread(prepare, prompt) if has_images(prompt) else prepare(prompt)
-            seq = self.core.add_request(inputs, params)  # validates
-        except ValueError:
-            self.metrics.finished("rejected")
-            raise
-        stream = _Stream(self.output.add(seq, request_id))
-        self._streams[request_id] = self._by_seq[seq.seq_id] = stream
-        self._ensure_loop()
+        stream = await self.add(prompt, params, request_id or uuid.uuid4().hex)
         status = "abort"  # how the request ends when it does not finish
         try:
             while True:
                 await stream.wake.wait()
                 stream.wake.clear()
                 self.core.check_alive()
-                out = self.output.delta(stream.state)
+                out = self.take(stream)
                 if out is not None:
-                    self._record(stream, out)
                     yield out
                 if out is not None and out.finished:
                     return
@@ -97,17 +113,49 @@ class AsyncEngine:
             status = "error"
             raise
         finally:
-            self._streams.pop(request_id, None)
-            self._by_seq.pop(seq.seq_id, None)
-            if seq.finish_reason is None:
-                self.core.abort(seq)
-                self.metrics.finished(status)
+            self.release(stream, status)
+
+    async def add(self, prompt: Prompt, params: SamplingParams, request_id: str,
+                  notify: Callable[[], None] | None = None) -> _Stream:
+        """Queues a request; `notify()` is called on the event loop whenever `take(stream)` may return an update
+        (and when the instance fails: then `core.check_alive()` raises). Raises ValueError on bad input."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        try:
+            # Decoding and tiling images runs off the event loop; plain prompts are tokenized in place.
+            prepare = self.core.prepare
+            inputs = await asyncio.to_thread(prepare, prompt) if has_images(prompt) else prepare(prompt)
+            await self.core.grammar_ref_async(params)  # a structured-output grammar compiles off the loop, once
+            seq = self.core.add_request(inputs, params)  # validates
+        except ValueError:
+            self.metrics.finished("rejected")
+            raise
+        stream = _Stream(self.output.add(seq, request_id), notify)
+        self._streams[request_id] = self._by_seq[seq.seq_id] = stream
+        self._ensure_loop()
+        return stream
+
+    def take(self, stream: _Stream) -> RequestOutput | None:
+        """Everything new for the stream since its last update, in one delta (coalesced); None when nothing is."""
+        out = self.output.delta(stream.state)
+        if out is not None:
+            self._record(stream, out)
+        return out
+
+    def release(self, stream: _Stream, status: str = "abort") -> None:
+        """Forgets a stream; a request that has not finished is aborted (its KV blocks freed) with `status`."""
+        if self._streams.get(stream.state.request_id) is stream:
+            del self._streams[stream.state.request_id]
+        self._by_seq.pop(stream.seq.seq_id, None)
+        if stream.seq.finish_reason is None:
+            self.core.abort(stream.seq)
+            self.metrics.finished(status)
 
     async def abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
         if stream is not None and stream.seq.finish_reason is None:
             self.core.abort(stream.seq)
-            stream.wake.set()
+            stream.poke()
 
     def _record(self, stream: _Stream, out: RequestOutput) -> None:
         now, first = time.monotonic(), not stream.started
@@ -130,24 +178,42 @@ class AsyncEngine:
         self._work.set()
 
     async def _run(self, work: asyncio.Event) -> None:
+        pending = None  # the launched step: (plan, refs)
         while self.core.failure is None:
-            if not self.core.has_work():
-                work.clear()
-                await self._flush_metrics()  # while idle the gauges show the last flush's figures
-                await work.wait()
-                continue
             try:
-                self._process(await self.core.step_async())
+                if pending is None:
+                    if not self.core.has_work():
+                        work.clear()
+                        await self._flush_metrics()  # while idle the gauges show the last flush's figures
+                        await work.wait()
+                        continue
+                    pending = self.core.launch()
+                plan, refs = pending
+                pending = None
+                t0 = time.perf_counter()
+                updated = await self.core.collect_async(plan, refs) if refs else []
+                t1 = time.perf_counter()
+                if self.core.has_work():
+                    pending = self.core.launch()  # step N+1 runs while step N's outputs are processed
+                t2 = time.perf_counter()
+                self._process(updated)
+                self.loop_times.add(t1 - t0, t2 - t1, time.perf_counter() - t2, bool(refs))
             except DataPlaneError:
                 logger.exception("model instance failed; failing its %d requests", len(self._streams))
+                updated = list(self._streams.values())
             except Exception as err:  # a bug must not leave callers waiting forever
                 logger.exception("engine step failed")
                 self.core.fail(DataPlaneError(f"engine step failed: {err!r}"))
-            for stream in self._streams.values():
-                stream.wake.set()
+                updated = list(self._streams.values())
+            for item in updated:
+                stream = item if isinstance(item, _Stream) else self._by_seq.get(item.seq_id)
+                if stream is not None:
+                    stream.poke()
             if self.metrics.due():
                 await self._flush_metrics()
             await asyncio.sleep(0)  # let streams and new requests run between steps
+        for stream in list(self._streams.values()):
+            stream.poke()
 
     def _process(self, updated: list) -> None:
         """Detokenizes what the step produced (the output processor also ends requests at stop strings)."""
@@ -182,6 +248,8 @@ class AsyncEngine:
             "num_requests_running": running,
             "num_requests_waiting": waiting,
             "kv_cache_usage": {pool: max(u[pool] for u in usage) for pool in usage[0]},
+            "prefix_cache_queries": sum(r.scheduler.prefix_cache_queries for r in self.core.replicas),  # tokens
+            "prefix_cache_hits": sum(r.scheduler.prefix_cache_hits for r in self.core.replicas),
             "healthy": self.core.failure is None,
         }
 

@@ -17,6 +17,8 @@ from llama4serve.cluster.serving.engine_deployment import Engine
 from llama4serve.cluster.serving.ingress import Ingress
 from llama4serve.cluster.serving.serve_config import ServeConfig
 
+CHANNEL_CALLS = 16  # Ingress replicas one Engine replica streams to at once
+
 
 def with_checkpoint(config: ServeConfig) -> ServeConfig:
     """`config` with `model` set: when unset, the random checkpoint of `preset`, written once into `cache_dir`
@@ -34,9 +36,11 @@ def build_app(args: dict | ServeConfig | None = None) -> Application:
     """The application for `args` (ServeConfig fields; unknown fields are an error)."""
     config = args if isinstance(args, ServeConfig) else ServeConfig(**(args or {}))
     config = with_checkpoint(config)
-    # Serve's default of 5 ongoing requests per replica would queue requests in front of our own limits.
+    # Serve's default of 5 ongoing requests per replica would queue requests in front of our own limits; each
+    # Ingress replica also holds one streaming channel call per Engine replica (CHANNEL_CALLS allows for them).
     engine = Engine.options(
         num_replicas=config.num_replicas,
-        max_ongoing_requests=config.max_num_seqs * config.attention_actors + config.max_queued_requests,
+        max_ongoing_requests=config.max_num_seqs * config.attention_actors + config.max_queued_requests
+        + CHANNEL_CALLS,
     ).bind(config)
     return Ingress.options(max_ongoing_requests=config.max_queued_requests + 16).bind(engine, config)

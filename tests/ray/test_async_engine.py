@@ -160,3 +160,41 @@ def test_multi_step_streams_in_bursts_with_the_same_tokens_text_and_stop_strings
         assert got[-1].finish_reason == want[-1].finish_reason
     assert max(len(u.token_ids) for updates in bursts[:-1] for u in updates) > 1  # really in bursts
     assert bursts[-1][-1].finish_reason == "stop" and _joined(bursts[-1])[1] == text[: text.find(stop)]
+
+
+def test_next_step_runs_while_outputs_are_processed_and_a_new_prompt_is_prefilled_in_the_next_step(tiny):
+    """Overlap: step N+1 is launched between recording step N and detokenizing it. Admission: a prompt that
+    arrives while six streams decode gets its first token from the step after the one in flight."""
+    _, engine = tiny
+    core, events = engine.core, []
+    launch, collect, process = core.launch, core.collect_async, engine._process
+
+    async def collect_recorded(plan, refs):
+        events.append("collect")
+        return await collect(plan, refs)
+
+    core.launch = lambda: (events.append("launch"), launch())[1]
+    core.collect_async = collect_recorded
+    engine._process = lambda updated: (events.append("process"), process(updated))[1]
+    decode = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+
+    async def run():
+        streams = asyncio.gather(*(_collect(engine, f"{i} go", decode) for i in range(6)))
+        deadline = asyncio.get_running_loop().time() + 60
+        while engine.loop_times.steps < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.002)
+        arrival = engine.loop_times.steps
+        late = engine.generate("a late prompt of a few words", SamplingParams(max_tokens=2, temperature=0))
+        first = await asyncio.wait_for(anext(late), timeout=60)
+        first_step = engine.loop_times.steps
+        rest = [u async for u in late]
+        return arrival, first, first_step, rest, await asyncio.wait_for(streams, timeout=120)
+
+    try:
+        arrival, first, first_step, rest, streams = asyncio.run(run())
+    finally:
+        del core.launch, core.collect_async, engine._process  # the instance attributes set above
+    assert first.token_ids and rest[-1].finished and all(len(_joined(s)[0]) == 30 for s in streams)
+    assert arrival >= 5 and first_step - arrival <= 2, (arrival, first_step)
+    overlapped = sum(events[i:i + 3] == ["collect", "launch", "process"] for i in range(len(events)))
+    assert overlapped >= 25, events[:40]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+import time
 
 import pytest
 
@@ -15,6 +16,10 @@ from llama4serve.cluster.serving.engine_client import EngineClient, Rejected
 from llama4serve.cluster.serving.engine_deployment import Engine
 from llama4serve.cluster.outputs import RequestOutput
 from llama4serve.cluster.serving.policy import DEADLINE, ServingError
+from llama4serve.cluster.engine.async_engine import LoopTimes
+from llama4serve.cluster.errors import DataPlaneError
+from llama4serve.cluster.serving.engine_streams import StreamHub
+from llama4serve.cluster.serving.stream_wire import Attached, ChannelOpened, Switched, merge
 
 DONE = RequestOutput("r", [1], [5], "a", True, "length", num_generated_tokens=1)
 
@@ -84,15 +89,22 @@ class StubStream:
 
 
 class StubHandle:
-    def __init__(self, stream):
-        self.stream = stream
-        self.generate = self
+    """A handle to the Engine deployment: `submit` calls get `lifetime`, `channel` calls get `channel`."""
+
+    def __init__(self, lifetime, channel=None):
+        self.lifetime, self.channels = lifetime, [channel] if channel is not None else []
+        self.submit = self.Method(lambda: self.lifetime)
+        self.channel = self.Method(lambda: self.channels.pop(0))
+
+    class Method:
+        def __init__(self, make):
+            self.make = make
+
+        def remote(self, *args):
+            return self.make()
 
     def options(self, **_):
         return self
-
-    def remote(self, *args):
-        return self.stream
 
 
 def test_engine_client_raises_rejections_and_deadlines():
@@ -101,8 +113,9 @@ def test_engine_client_raises_rejections_and_deadlines():
         asyncio.run(collect(EngineClient(StubHandle(rejected)).generate("p", None, "a")))
     assert not rejected.cancelled  # nothing runs in the engine: nothing to cancel
 
-    hung = StubStream([RequestOutput("b", [1], [5], "a")], hang=True)
-    client = EngineClient(StubHandle(hung), request_timeout_s=0.2)
+    hung = StubStream([Attached("e1", False), Switched()], hang=True)
+    channel = StubStream([ChannelOpened("e1"), [RequestOutput("b", [1], [5], "a")]], hang=True)
+    client = EngineClient(StubHandle(hung, channel), request_timeout_s=0.2)
     outputs = []
 
     async def read():
@@ -114,9 +127,33 @@ def test_engine_client_raises_rejections_and_deadlines():
     assert err.value.kind is DEADLINE and "0.2 s (request_timeout_s)" in err.value.message
     assert len(outputs) == 1 and hung.cancelled  # the engine request is cancelled
 
-    done = StubStream([DONE])
-    assert asyncio.run(collect(EngineClient(StubHandle(done), 5).generate("p", None, "c"))) == [DONE]
+    done = StubStream([Attached("e1", False), Switched()])
+    channel = StubStream([ChannelOpened("e1"), [DONE]])
+    assert asyncio.run(collect(EngineClient(StubHandle(done, channel), 5).generate("p", None, "r"))) == [DONE]
     assert not done.cancelled
+
+
+def test_engine_client_demultiplexes_one_channel_and_coalesces_what_is_ready():
+    def out(rid, ids, text, finished=False, prompt=()):
+        return RequestOutput(rid, list(prompt), ids, text, finished, "length" if finished else None,
+                             num_generated_tokens=len(ids))
+
+    batches = [[out("x", [1], "a", prompt=[7, 8]), out("y", [2], "b", prompt=[9])],
+               [out("x", [3], "c"), out("y", [4], "d", True)], [out("x", [5], "e", True)]]
+    channel = StubStream([ChannelOpened("e1")] + batches)
+    handle = StubHandle(None, channel)
+    handle.submit = StubHandle.Method(lambda: StubStream([Attached("e1", True)], hang=True))
+    client = EngineClient(handle, request_timeout_s=5)
+
+    async def run():
+        return await asyncio.gather(collect(client.generate("p", None, "x")), collect(client.generate("p", None, "y")))
+
+    xs, ys = asyncio.run(run())
+    assert [o.token_ids for o in xs] in ([[1], [3], [5]], [[1], [3, 5]], [[1, 3], [5]], [[1, 3, 5]])
+    assert "".join(o.text for o in xs) == "ace" and xs[-1].finished and xs[-1].num_generated_tokens == 1
+    assert "".join(o.text for o in ys) == "bd" and ys[-1].finish_reason == "length"
+    assert all(o.prompt_token_ids == [7, 8] for o in xs) and all(o.prompt_token_ids == [9] for o in ys)
+    assert merge([out("x", [1], "a", prompt=[7]), out("x", [3], "c", True)]).token_ids == [1, 3]
 
 
 class RecordingServer:
@@ -154,3 +191,86 @@ def test_grpc_options_bind_the_proxy_to_the_http_host(restore_grpc_bind):
     add_grpc_address(server, "[::]:9123")
     assert server.addresses[-1] == "[::1]:9123"
     assert grpc_bind.host_port("0.0.0.0", 8000) == "0.0.0.0:8000"
+
+
+class FakeStream:
+    def __init__(self, notify):
+        self.notify, self.pending, self.started, self.released = notify, [], False, None
+        self.arrival, self.wake = time.monotonic(), asyncio.Event()
+
+
+class FakeAsyncEngine:
+    """The AsyncEngine surface StreamHub uses: add / take / release, and core.failure / check_alive."""
+
+    def __init__(self):
+        self.streams, self.core = {}, self
+        self.failure = None
+        self.loop_times = LoopTimes()
+
+    async def add(self, prompt, params, request_id, notify):
+        if prompt == "bad":
+            raise ValueError("prompt is bad")
+        stream = self.streams[request_id] = FakeStream(notify)
+        return stream
+
+    def take(self, stream):
+        if not stream.pending:
+            return None
+        stream.started, out = True, stream.pending.pop(0)
+        return out
+
+    def release(self, stream, status="abort"):
+        stream.released = status
+
+    def check_alive(self):
+        if self.failure:
+            raise DataPlaneError(self.failure)
+
+    def emit(self, request_id, ids, finished=False):
+        stream = self.streams[request_id]
+        stream.pending.append(RequestOutput(request_id, [1, 2], ids, "t", finished, "length" if finished else None))
+        stream.wake.set()  # what AsyncEngine's loop does after a step
+        stream.notify()
+
+
+def test_stream_hub_batches_one_ingress_requests_and_aborts_a_closed_lifetime():
+    async def run():
+        engine = FakeAsyncEngine()
+        hub = StreamHub(engine, linger_s=0.05)
+        a, b = hub.submit("p", None, "a", "ing"), hub.submit("p", None, "b", "ing")
+        assert await anext(a) == Attached(hub.replica_id, False)  # no channel yet
+        channel = hub.channel("ing")
+        assert await anext(channel) == ChannelOpened(hub.replica_id)
+        assert await anext(hub.channel("ing")) == ChannelOpened(hub.replica_id, duplicate=True)
+        assert await anext(b) == Attached(hub.replica_id, True)
+        engine.emit("a", [5])
+        engine.emit("b", [6])
+        first = await asyncio.wait_for(anext(channel), 5)
+        assert [(o.request_id, o.token_ids, o.prompt_token_ids) for o in first] == [("b", [6], [1, 2])]
+        assert await asyncio.wait_for(anext(a), 5) == Switched()  # a hands over to the channel
+        engine.emit("b", [8])
+        second = await asyncio.wait_for(anext(channel), 5)  # one message for both requests
+        assert [(o.request_id, o.token_ids, o.prompt_token_ids) for o in second] == [("a", [5], [1, 2]),
+                                                                                      ("b", [8], [])]
+        engine.emit("a", [7], finished=True)
+        third = await asyncio.wait_for(anext(channel), 5)
+        assert [(o.token_ids, o.prompt_token_ids, o.finished) for o in third] == [([7], [], True)]
+        with pytest.raises(StopAsyncIteration):  # a's lifetime ends once its final delta went out
+            await asyncio.wait_for(anext(a), 5)
+        await b.aclose()  # the Ingress cancelled b: the engine must abort it
+        assert engine.streams["b"].released == "abort" and "ing" in hub.outboxes
+        with pytest.raises(StopAsyncIteration):  # no requests left: the channel ends after linger_s
+            await asyncio.wait_for(anext(channel), 5)
+        stats = hub.stats()
+        assert "ing" not in hub.outboxes and (stats["messages"], stats["deltas"], stats["num_first"]) == (3, 4, 2)
+        alone = hub.submit("p", None, "c", "ing")  # no channel: the request streams through its own call
+        assert await anext(alone) == Attached(hub.replica_id, False)
+        engine.emit("c", [9], finished=True)
+        out = await asyncio.wait_for(anext(alone), 5)
+        assert (out.token_ids, out.prompt_token_ids, out.finished) == ([9], [1, 2], True)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(alone), 5)
+        with pytest.raises(ValueError, match="prompt is bad"):
+            await anext(hub.submit("bad", None, "d", "ing"))
+
+    asyncio.run(run())
