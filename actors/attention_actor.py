@@ -15,12 +15,13 @@ from llama4serve.actors.step_io import SeqOutput, StepBatch
 from llama4serve.actors.model.checkpoint import DTYPES, CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.model.resident import tensor_bytes
 from llama4serve.actors.runner.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from llama4serve.actors.runner.image_features import ImageFeatureCache
 from llama4serve.actors.runner.kv_cache import KVCache
 from llama4serve.actors.model.text_model import Llama4TextModel
 from llama4serve.actors.runner.model_runner import ModelRunner
-from llama4serve.actors.parallel.process_group import join, master_address
+from llama4serve.actors.parallel.process_group import join, make_exchange, master_address
 from llama4serve.actors.parallel.router import ExpertLayout, Router
 
 
@@ -129,11 +130,27 @@ class AttentionActor:
                 "kv_cache_bytes": self.kv.nbytes(), "torch_threads": torch.get_num_threads(),
                 "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
 
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this actor holds (`actors.model.resident`): all of them, the KV pools, and the
+        routed experts (0 with expert actors)."""
+        local = self.expert_load.routed
+        return {"total": tensor_bytes(self), "kv_cache": sum(self.kv.nbytes().values()),
+                "routed_experts": tensor_bytes(local) if isinstance(local, LocalExperts) else 0}
+
     def master_address(self) -> tuple[str, int]:
         return master_address()
 
-    def join_group(self, master: tuple[str, int], rank: int, world_size: int, timeout_s: float) -> str:
-        return join(master, rank, world_size, timeout_s, self.device)
+    def join_group(self, master: tuple[str, int], rank: int, world_size: int, timeout_s: float,
+                   transport: str = "collective") -> str:
+        """Joins the process group and sets the router's transport (`make_exchange`); returns the backend."""
+        backend = join(master, rank, world_size, timeout_s, self.device)
+        self.router.exchange = make_exchange(transport, rank, world_size, self.router.layout.first_expert_rank,
+                                             timeout_s, self.device)
+        return backend
+
+    def exchange_name(self) -> str:
+        """The router's transport: "collective" (the process group's all_to_all) or "shm"; "" without experts."""
+        return self.router.exchange.name if self.router else ""
 
     def exchange_stats(self) -> tuple[float, int]:
         """(seconds from dispatch to combined results, MoE-layer exchanges) since start."""

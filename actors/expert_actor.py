@@ -11,7 +11,9 @@ from llama4serve.actors.attention_actor import actor_device, torch_dtype_of
 from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
-from llama4serve.actors.parallel.process_group import join
+from llama4serve.actors.model.resident import tensor_bytes
+from llama4serve.actors.parallel.exchange import CollectiveExchange
+from llama4serve.actors.parallel.process_group import join, make_exchange
 from llama4serve.actors.parallel.router import ExpertLayout, serve_moe_layer
 
 
@@ -34,6 +36,7 @@ class ExpertShardActor:
         self.bytes_read = reader.bytes_read
         reader.close()
         self.layout: ExpertLayout | None = None
+        self.exchange: CollectiveExchange | None = None  # the router's transport, set by join_group
         self.rows_served = 0
 
     def ready(self) -> dict:
@@ -42,9 +45,15 @@ class ExpertShardActor:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "bytes_read": self.bytes_read,
                 "experts": self.bounds[self.shard], "device": str(self.device)}
 
-    def join_group(self, master: tuple[str, int], rank: int, world_size: int, first_expert_rank: int, timeout_s: float) -> str:
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of the tensors this actor holds (`actors.model.resident`): all of them and the routed experts."""
+        return {"total": tensor_bytes(self), "routed_experts": tensor_bytes(self.experts)}
+
+    def join_group(self, master: tuple[str, int], rank: int, world_size: int, first_expert_rank: int, timeout_s: float,
+                   transport: str = "collective") -> str:
         backend = join(master, rank, world_size, timeout_s, self.device)
         self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size, self.device)
+        self.exchange = make_exchange(transport, rank, world_size, first_expert_rank, timeout_s, self.device)
         return backend
 
     def run_step(self, capacity: int, num_steps: int = 1) -> int:
@@ -59,5 +68,5 @@ class ExpertShardActor:
         rows = torch.zeros((), dtype=torch.long, device=self.device)
         for layer in self.cfg.moe_layers:
             rows += serve_moe_layer(self.layout, self.experts, layer, self.cfg.hidden_size, self.dtype, capacity,
-                                    self.device)
+                                    self.device, self.exchange)
         return rows

@@ -38,6 +38,11 @@ class EngineOptions(BaseModel):
     )
     num_full_blocks: int | None = Field(None, ge=1, description="Override: blocks in the full-attention pool.")
     num_chunk_blocks: int | None = Field(None, ge=1, description="Override: blocks in the chunked-attention pool.")
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse the KV blocks of a cached prompt prefix (both pools; freed blocks stay cached until "
+        "evicted, least recently used first) and route a request to the attention actor holding its longest one.",
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Longest prompt + output; default min(max_position_embeddings, kv_cache_tokens)."
     )
@@ -66,7 +71,20 @@ class EngineOptions(BaseModel):
     collective_timeout_s: float = Field(
         180.0, gt=0, description="Timeout of every collective and of every step: a dead peer raises, never hangs."
     )
+    expert_transport: Literal["auto", "collective", "shm"] = Field(
+        "auto", description="How MoE tokens move between attention and expert actors: 'collective' (the process "
+        "group's all_to_all: gloo on CPU, NCCL on GPU), 'shm' (shared memory, every rank on one machine, CPU), "
+        "'auto' (shm where it can run, else the collective).",
+    )
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for Ray to place the actors.")
+    max_actor_restarts: int = Field(
+        3, ge=0, le=100,
+        description="Times a dead data-plane actor is replaced (in-flight requests continue) within "
+        "actor_restart_window_s; one more failure takes the instance down. 0: no recovery (fail-stop).",
+    )
+    actor_restart_window_s: float = Field(
+        600.0, gt=0, description="Window of the restart budget max_actor_restarts, per actor, in seconds."
+    )
     max_images_per_request: int = Field(8, ge=0, description="Most images one request may carry (0: no images).")
     max_image_bytes: int = Field(
         20 * 2**20, ge=1, description="Largest accepted image file, in bytes (after base64 decoding)."

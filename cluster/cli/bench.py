@@ -11,11 +11,11 @@ import asyncio
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from llama4serve.actors.model.config import ModelConfig, load_model_config
 from llama4serve.kernels.linear import linear, pack_weight
+from llama4serve.cluster.cli.bench_serve import add_serve_arguments, serve_suite
 from llama4serve.cluster.cli.generate_cmd import resolve_model
 from llama4serve.cluster.engine.llm import LLM
 from llama4serve.cluster.sampling_params import SamplingParams
@@ -91,22 +91,6 @@ def transformers_decode_tps(model_dir: Path, prompt: list[int], new_tokens: int,
     return new_tokens / (run(new_tokens + 1) - run(1))
 
 
-def throughput(model_dir: Path, prompts: list[list[int]], new_tokens: int, dtype: str, attention: int,
-               experts: int) -> tuple[float, list[float]]:
-    """(generated tokens/s, attention-0's exchange stats over the run) for all prompts submitted at once."""
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    with LLM(str(model_dir), attention_actors=attention, expert_actors=experts, dtype=dtype,
-             max_num_seqs=len(prompts), num_scheduler_steps=1) as llm:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-        before = ray.get(llm.engine.replicas[0].actor.exchange_stats.remote())
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - t0
-        after = ray.get(llm.engine.replicas[0].actor.exchange_stats.remote())
-    tokens = sum(len(o.token_ids) for o in outs)
-    return tokens / elapsed, [x - y for x, y in zip(after, before)]
-
-
 async def _serve_concurrently(engine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, list, list]:
     """(seconds for all, time to first token of each request, gaps between its later tokens)."""
     ttft, itl = [], []
@@ -178,23 +162,6 @@ def concurrency_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
         print(f"  inter-token latency    {_percentiles(itl)}")
 
 
-def expert_parallel_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs for 3 actors on 2 cores
-    base, _ = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 0)
-    ep, (exchange_s, exchanges) = throughput(model_dir, prompts, args.new_tokens, args.dtype, 1, 2)
-    print(f"model {model_dir} ({args.dtype}), {args.concurrency} concurrent prompts of {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens each")
-    print(f"{'topology (attention x expert)':30} {'tokens/s':>10} {'vs 1x0':>8}")
-    print(f"{'1x0 (experts local)':30} {base:10.1f} {1.0:8.2f}")
-    print(f"{'1x2 (expert parallel)':30} {ep:10.1f} {ep / base:8.2f}")
-    n = max(exchanges, 1)
-    print(f"MoE-layer exchanges on attention-0: {exchanges}")
-    print(f"  dispatch -> combined results, incl. expert compute:  {exchange_s / n * 1e3:6.2f} ms each")
-    elapsed = args.concurrency * args.new_tokens / ep
-    print(f"  share of the 1x2 run from dispatch to combine:       {exchange_s / elapsed * 100:6.1f} %")
-
-
 def add_bench_subcommand(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark batch-1 decode against transformers and the bandwidth floor")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: a bench-small checkpoint)")
@@ -203,16 +170,23 @@ def add_bench_subcommand(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--suite", default="decode", choices=["decode", "concurrency", "expert-parallel", "quantized"],
+    p.add_argument("--suite", default="decode",
+                   choices=["decode", "concurrency", "expert-parallel", "quantized", "serve", "prefix",
+                            "structured"],
                    help="decode: batch-1 decode vs transformers and the bandwidth floor; "
                         "concurrency: --concurrency streamed requests vs transformers generate on one batch, "
                         "with time to first token and inter-token latency; "
-                        "expert-parallel: throughput of 1x2 vs 1x0 at --concurrency prompts; "
-                        "quantized: batch-1 and batch-32 decode in fp32, bf16, fp8 and int4 with bytes per step")
+                        "expert-parallel: 1x2 vs 1x0 at batch 1 and --concurrency per transport, the in-step cost "
+                        "per MoE exchange and the transport alone; "
+                        "quantized: batch-1 and batch-32 decode in fp32, bf16, fp8 and int4 with bytes per step; "
+                        "serve: `llama4serve serve` with --serve-streams streaming clients vs the offline engine; "
+                        "prefix: prefix caching on vs off (shared-prefix TTFT, 8-turn chat throughput); "
+                        "structured: batch --concurrency decode with every row under a JSON schema vs unconstrained")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--trials", type=int, default=5, help="decode suite: bandwidth + decode measurements")
+    p.add_argument("--trials", type=int, default=5, help="decode suite: bandwidth + decode measurements; expert-parallel: rounds of every instance in turn")
     p.add_argument("--num-scheduler-steps", type=int, default=8,
                    help="decode steps per actor call (num_scheduler_steps) of the multi-step rows")
+    add_serve_arguments(p)
     p.set_defaults(func=main_bench)
 
 
@@ -223,10 +197,25 @@ def main_bench(args: argparse.Namespace) -> int:
     prompts = [torch.randint(3, min(cfg.vocab_size, 1000), (args.prompt_tokens,), generator=g).tolist()
                for _ in range(args.concurrency)]
     if args.suite == "expert-parallel":
+        from llama4serve.cluster.cli.bench_expert_parallel import expert_parallel_suite
+
         expert_parallel_suite(model_dir, prompts, args)
         return 0
     if args.suite == "concurrency":
         concurrency_suite(model_dir, prompts, args)
+        return 0
+    if args.suite == "serve":
+        serve_suite(model_dir, cfg, args)
+        return 0
+    if args.suite == "prefix":
+        from llama4serve.cluster.cli.bench_prefix import prefix_suite
+
+        prefix_suite(model_dir, cfg.vocab_size, args)
+        return 0
+    if args.suite == "structured":
+        from llama4serve.cluster.cli.bench_structured import structured_suite
+
+        structured_suite(model_dir, prompts, args)
         return 0
     if args.suite == "quantized":
         from llama4serve.cluster.cli.bench_quantized import quantized_suite

@@ -4,20 +4,25 @@ processor of whichever face (`LLM`, `AsyncEngine`) drives it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from dataclasses import dataclass
 
 import ray
 
-from llama4serve.actors.step_io import StepBatch
+from llama4serve.actors.step_io import GrammarRef, StepBatch
 from llama4serve.cluster.config import EngineConfig
 from llama4serve.cluster.engine.block_manager import BlockManager
 from llama4serve.cluster.engine.data_plane import DataPlane
 from llama4serve.cluster.engine.instance import InstanceSpec
+from llama4serve.cluster.engine.prefix_cache import tile_hashes
+from llama4serve.cluster.engine.metrics import RecoveryMetrics
+from llama4serve.cluster.engine.recovery import Recovery, dead_actors
 from llama4serve.cluster.engine.scheduler import Scheduler, SeqImages, Sequence
 from llama4serve.cluster.errors import DataPlaneError
 from llama4serve.cluster.inputs import Prompt
+from llama4serve.cluster.inputs.grammar_store import GrammarStore
 from llama4serve.cluster.inputs.prompts import PromptInputs
 from llama4serve.cluster.sampling_params import SamplingParams
 
@@ -46,9 +51,12 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._owner: dict[int, AttentionReplica] = {}
         self.failure: str | None = None
+        self._grammars: GrammarStore | None = None  # made on the first structured-output request
         # dtype "auto" reaches the actors as is: bfloat16 on a GPU, the checkpoint's dtype on CPU
         self.data_plane = DataPlane(config, config.dtype, spec.block_size, spec.num_full_blocks,
                                     spec.num_chunk_blocks, self.model_cfg.num_experts)
+        self.recovery = Recovery(self.data_plane, config.max_actor_restarts, config.actor_restart_window_s,
+                                 RecoveryMetrics())
         self.replicas = [
             AttentionReplica(name, actor, blocks := spec.block_manager(),
                              Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -74,13 +82,41 @@ class EngineCore:
         self.check_alive()
         images = None
         if inputs.pixel_values is not None:  # to the actor once per prefill, through the object store
-            images = SeqImages(ray.put(inputs.pixel_values), inputs.patch_positions)
+            hashes = tile_hashes(inputs.pixel_values) if self.spec.enable_prefix_caching else []
+            images = SeqImages(ray.put(inputs.pixel_values), inputs.patch_positions, tile_hashes=hashes)
         seq = Sequence(seq_id=next(self._ids), prompt_ids=inputs.token_ids, params=params, seed=seed, images=images)
-        replica = min(self.replicas, key=AttentionReplica.load)  # data parallel: the least loaded actor
+        if params.structured_outputs is not None:  # compiled already when the caller awaited grammar_ref
+            seq.grammar = self.grammar_ref(params)
+        replica = self._route(seq)
         replica.scheduler.add(seq)
         replica.num_assigned += 1
         self._owner[seq.seq_id] = replica
         return seq
+
+    def _route(self, seq: Sequence) -> AttentionReplica:
+        """Data parallel: the attention actor caching the longest prefix of the prompt; ties, the least loaded."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        return max(self.replicas, key=lambda r: (r.scheduler.cached_prefix(seq), -r.load()))
+
+    def grammar_ref(self, params: SamplingParams) -> GrammarRef | None:
+        """The compiled grammar of `params.structured_outputs` (blocks while it compiles, once per distinct spec:
+        asyncio callers use `grammar_ref_async` first); ValueError naming the field when it does not compile."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"{spec.field} needs the checkpoint's tokenizer.json; {self.config.model} has none")
+            self._grammars = GrammarStore(f"{self.config.model}/tokenizer.json", self.model_cfg.vocab_size,
+                                          sorted(self.spec.eos_ids), ray.put)
+        return self._grammars.ref(spec)
+
+    async def grammar_ref_async(self, params: SamplingParams) -> GrammarRef | None:
+        """`grammar_ref` off the event loop."""
+        if params.structured_outputs is None:
+            return None
+        return await asyncio.to_thread(self.grammar_ref, params)
 
     def abort(self, seq: Sequence, reason: str = "abort", num_output_tokens: int | None = None) -> None:
         """Ends a request now (an abort, or a stop string the output processor found after
@@ -100,26 +136,34 @@ class EngineCore:
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that gained tokens or finished in it."""
         plan, refs = self._launch()
-        if not refs:
-            return []
-        try:
-            results = self.data_plane.gather(refs)
-        except DataPlaneError as err:
-            self.fail(err)
-            raise
-        return self._apply(plan, results)
+        while refs:  # more than once only when a dead actor was replaced and the step is redone
+            outcomes = self.data_plane.collect(refs)
+            dead = self._failing(dead_actors, self.data_plane.inflight.names, outcomes)
+            if not dead:
+                return self._apply(plan, outcomes)
+            plan, refs = self._redo(plan, self._failing(self.recovery.replace, dead))
+        return []
 
     async def step_async(self) -> list[Sequence]:
         """`step` for an asyncio caller: awaits the actors instead of blocking the event loop."""
-        plan, refs = self._launch()
-        if not refs:
-            return []
-        try:
-            results = await self.data_plane.gather_async(refs)
-        except DataPlaneError as err:
-            self.fail(err)
-            raise
-        return self._apply(plan, results)
+        plan, refs = self.launch()
+        return await self.collect_async(plan, refs)
+
+    def launch(self) -> tuple[list, list]:
+        """The first half of `step_async`: schedules and starts a step; (plan, refs), no refs when nothing runs.
+        A caller that overlaps steps (AsyncEngine) launches the next step right after `collect_async`."""
+        return self._launch()
+
+    async def collect_async(self, plan: list, refs: list) -> list[Sequence]:
+        """The second half of `step_async`: awaits a launched step and records its outputs (the scheduler's
+        postprocess, which must happen before the next `launch`); returns the sequences it updated."""
+        while refs:  # as in `step`; the replacement starts off the event loop, requests still arrive
+            outcomes = await self.data_plane.collect_async(refs)
+            dead = self._failing(dead_actors, self.data_plane.inflight.names, outcomes)
+            if not dead:
+                return self._apply(plan, outcomes)
+            plan, refs = self._redo(plan, await asyncio.to_thread(self._failing, self.recovery.replace, dead))
+        return []
 
     def _launch(self) -> tuple[list, list]:
         """Schedules a step on every attention actor and starts it; ([(replica, scheduled, steps)], refs)."""
@@ -150,6 +194,25 @@ class EngineCore:
             if seq.finish_reason is not None:
                 self._owner.pop(seq.seq_id, None)
         return updated
+
+    def _failing(self, call, *args):
+        """call(*args); a DataPlaneError from it takes the instance down first."""
+        try:
+            return call(*args)
+        except DataPlaneError as err:
+            self.fail(err)
+            raise
+
+    def _redo(self, plan: list, replaced: set[int]) -> tuple[list, list]:
+        """After a recovery: the replaced attention actors' sequences start over from their tokens, and the
+        interrupted step runs again (`DataPlane.relaunch`); the new (plan, refs)."""
+        for i in replaced:
+            replica = self.replicas[i]
+            replica.actor, replica.blocks = self.data_plane.attention[i], self.spec.block_manager()
+            replica.scheduler.recompute_all(replica.blocks)
+        fresh = {id(self.replicas[i]) for i in replaced}
+        plan = [(r, [] if id(r) in fresh else sch, k) for r, sch, k in plan]
+        return plan, self.data_plane.relaunch(replaced)
 
     def fail(self, err: DataPlaneError) -> None:
         """Marks the instance down (every later call raises) and releases its actors."""

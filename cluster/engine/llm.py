@@ -100,6 +100,7 @@ class LLM:
         inputs = [self.engine.prepare(p) for p in prompt_list]
         for x, p in zip(inputs, params_list):
             self.engine.spec.validate(x.token_ids, p)
+            self.engine.grammar_ref(p)  # compiles each distinct structured-output spec once, before any is queued
         states = [self.add_request(x, p) for x, p in zip(inputs, params_list)]
         bar = tqdm(total=len(states), desc="generate", disable=not use_tqdm)
         try:

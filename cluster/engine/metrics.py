@@ -19,6 +19,25 @@ from ray.util.metrics import Counter, Gauge, Histogram
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
 ALL_TO_ALL_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+RECOVERY_BUCKETS = [0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0]
+
+
+class RecoveryMetrics:
+    """Data-plane actors the engine replaced (`cluster/engine/recovery.py`), recorded as each recovery ends."""
+
+    def __init__(self):
+        self.restarts = Counter(
+            "llama4serve_actor_restarts_total", "Data-plane actors replaced after they died, by role: attention "
+            "or expert.", tag_keys=("role",))
+        self.seconds = Histogram(
+            "llama4serve_recovery_seconds", "From the end of a failed step to its replacement actors being ready "
+            "in a new process group (one observation per recovery).", boundaries=RECOVERY_BUCKETS)
+
+    def recovered(self, roles: list[str], seconds: float) -> None:
+        """One recovery that replaced an actor of each of `roles` ("attention" / "expert") in `seconds`."""
+        for role in roles:
+            self.restarts.inc(1, tags={"role": role})
+        self.seconds.observe(seconds)
 
 
 class EngineMetrics:
@@ -43,6 +62,12 @@ class EngineMetrics:
         self.kv_usage = Gauge(
             "llama4serve_kv_cache_usage_ratio", "Fraction of the KV blocks in use (fullest attention actor), by "
             "pool: full (NoPE layers) or chunk (chunked-attention layers).", tag_keys=("pool",))
+        self.prefix_queries = Counter(
+            "llama4serve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache at admission "
+            "(prompt-logprob requests, which recompute every position, are not counted).")
+        self.prefix_hits = Counter(
+            "llama4serve_prefix_cache_hits_total", "Prompt tokens served from the prefix cache (of the queried ones).")
+        self._prefix_counted = (0, 0)  # the cumulative (queries, hits) already exported
         self.expert_tokens = Counter(
             "llama4serve_expert_tokens_total", "Token rows routed to each expert of each MoE layer (expert load).",
             tag_keys=("layer", "expert"))
@@ -80,6 +105,12 @@ class EngineMetrics:
         self.waiting.set(stats["num_requests_waiting"])
         for pool, ratio in stats["kv_cache_usage"].items():
             self.kv_usage.set(ratio, tags={"pool": pool})
+        queries, hits = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+        if queries > self._prefix_counted[0]:
+            self.prefix_queries.inc(queries - self._prefix_counted[0])
+        if hits > self._prefix_counted[1]:
+            self.prefix_hits.inc(hits - self._prefix_counted[1])
+        self._prefix_counted = (queries, hits)
         for taken in actor_metrics:
             counts = taken["expert_tokens"]  # [MoE layers, E]
             rows, experts = counts.nonzero(as_tuple=True)

@@ -62,3 +62,31 @@ def logs_since(offsets: dict[Path, int]) -> dict[str, str]:
             f.seek(offsets.get(path, 0))
             out[path.name] = f.read().decode("utf-8", "replace")
     return out
+
+
+def start_serve_command(config: Path, log, http_port: int, grpc_port: int, dashboard_port: int,
+                        timeout_s: float = 240):
+    """`llama4serve serve --config config` as a subprocess, writing to `log`; returns it once /health answers 200
+    (AssertionError with its output if it does not within timeout_s). The caller stops it."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama4serve.cluster.cli.main", "serve", "--config", str(config),
+         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dashboard-port", str(dashboard_port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline, healthy = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline and proc.poll() is None and not healthy:
+        try:
+            healthy = httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            time.sleep(1)
+    if not healthy:
+        proc.kill()
+        log.seek(0)
+        raise AssertionError(f"server did not come up; its output:\n{log.read()[-4000:]}")
+    return proc

@@ -29,7 +29,8 @@ HEAD_PORTS = {"dashboard": 8265, "metrics": 8080, "serve": 8000, "serve-grpc": 9
               "client": 10001}
 ISSUE_METRICS = ["requests_total", "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds",
                  "inter_token_latency_seconds", "num_requests_running", "num_requests_waiting",
-                 "kv_cache_usage_ratio", "expert_tokens_total", "all_to_all_seconds"]
+                 "kv_cache_usage_ratio", "expert_tokens_total", "all_to_all_seconds", "actor_restarts_total",
+                 "recovery_seconds"]
 ALL_OPTIONS = ["--set", "ingress.enabled=true,ingress.host=llm.example.com",
                "--set", "apiKey.existingSecret=,apiKey.value=s3cret",
                "--set", "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",

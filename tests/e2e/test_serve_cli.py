@@ -4,41 +4,19 @@ a real request, and a clean exit on Ctrl-C."""
 from __future__ import annotations
 
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 
-from serve_helpers import listening_hosts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve_helpers import free_port, listening_hosts, start_serve_command
 
 
 def test_serve_command_serves_until_ctrl_c(tmp_path):
-    http_port, grpc_port, dashboard_port = _free_port(), _free_port(), _free_port()
+    http_port, grpc_port, dashboard_port = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(f"preset: tiny-scout\ncache_dir: {tmp_path}\nmax_model_len: 512\nhttp_port: 1\n")
     log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama4serve.cluster.cli.main", "serve", "--config", str(config),
-         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dashboard-port", str(dashboard_port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    proc = start_serve_command(config, log, http_port, grpc_port, dashboard_port)
     try:
-        deadline, healthy = time.monotonic() + 240, False
-        while time.monotonic() < deadline and proc.poll() is None and not healthy:
-            try:
-                healthy = httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                time.sleep(1)
-        log.seek(0)
-        assert healthy, f"server did not come up; its output:\n{log.read()[-4000:]}"
         models = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == ["tiny-scout"]
         reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,

@@ -71,7 +71,8 @@ def test_shard_reads_only_its_experts(tmp_path):
 
 def test_dead_expert_actor_raises_within_timeout(ray_session, tmp_path):
     path = write_hf_checkpoint(tmp_path, MAVERICK_LIKE)
-    llm = LLM(path, attention_actors=1, expert_actors=2, dtype="float32", collective_timeout_s=8)
+    llm = LLM(path, attention_actors=1, expert_actors=2, dtype="float32", collective_timeout_s=8,
+              max_actor_restarts=0)  # fail-stop; recovery: test_fault_recovery.py
     try:
         engine = llm
         engine.add_request(list(range(3, 40)), SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))

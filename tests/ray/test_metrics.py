@@ -8,17 +8,11 @@ topology, runs the requests and stays up while this test scrapes; its Ray node g
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-import time
-import urllib.request
 from collections import defaultdict
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from metrics_node import metrics_driver, scrape_until, total as _total
 
 from llama4serve.cluster.checkpoints.maker import write_checkpoint
 
@@ -33,7 +27,7 @@ DRIVER = textwrap.dedent(
     from llama4serve.cluster.config import EngineConfig
     from llama4serve.cluster.sampling_params import SamplingParams
 
-    model, port, lengths, max_tokens = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+    port, model, lengths, max_tokens = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
 
     @ray.remote(num_cpus=0)
@@ -70,65 +64,17 @@ DRIVER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, list]:
-    """Samples of the llama4serve metrics by sample name (Ray's `ray_` prefix removed)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = defaultdict(list)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("ray_llama4serve_"):
-                samples[s.name.removeprefix("ray_")].append(s)
-    return samples
-
-
-def _total(samples: dict, name: str, **labels) -> float:
-    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory):
     """(samples from the endpoint once every request shows, the driver's figures)."""
     path = write_checkpoint(tmp_path_factory.mktemp("metrics") / "tiny-scout", "tiny-scout")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_metrics_report_interval_ms"] = "500"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(path), str(port), json.dumps(PROMPT_LENGTHS), str(MAX_TOKENS)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    try:
-        lines = []
-        for line in proc.stdout:  # the driver is done within the test's time or the job's timeout kills it
-            lines.append(line)
-            if line.startswith("RESULT "):
-                break
-        else:
-            pytest.fail("the metrics driver exited early:\n" + "".join(lines[-40:]))
-        result = json.loads(line.removeprefix("RESULT "))
-        deadline, samples = time.monotonic() + 30, {}
-        while time.monotonic() < deadline:  # Ray exports on its report interval
-            samples = _scrape(port)
-            if (_total(samples, "llama4serve_requests_total") == len(PROMPT_LENGTHS) + 1
-                    and "llama4serve_all_to_all_seconds_count" in samples
-                    and _total(samples, "llama4serve_num_requests_running") == 0
-                    and _expert_sums(samples) == _expected_expert_sums(result)):
-                break
-            time.sleep(0.5)
+    with metrics_driver(DRIVER, str(path), json.dumps(PROMPT_LENGTHS), str(MAX_TOKENS)) as (port, result):
+        samples = scrape_until(port, lambda samples: (
+            _total(samples, "llama4serve_requests_total") == len(PROMPT_LENGTHS) + 1
+            and "llama4serve_all_to_all_seconds_count" in samples
+            and _total(samples, "llama4serve_num_requests_running") == 0
+            and _expert_sums(samples) == _expected_expert_sums(result)))
         yield samples, result
-    finally:
-        try:
-            proc.stdin.write("\n")
-            proc.stdin.flush()
-            proc.wait(timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
 
 
 def _expert_sums(samples: dict) -> dict[str, float]:
