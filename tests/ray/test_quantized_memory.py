@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -94,7 +92,8 @@ def _prefill(num_tokens: int) -> StepBatch:
 
 def test_actors_in_this_process_hold_quantized_bytes(quantized):
     """AttentionActor with every expert (1x0) and the two ExpertShardActors of 1x2, built in this process on
-    whichever path it runs (the native kernels here; the portable path in the child of the test below)."""
+    whichever path it runs (the native kernels here; the portable path in tests/parity/test_portable_path.py's
+    child run)."""
     cfg = load_model_config(quantized)
     attention = AttentionActor(str(quantized), "float32", 4, 4, 8, device="cpu")
     attention.runner.step(_prefill(11))  # the portable path dequantizes each layer's experts here, then drops them
@@ -103,18 +102,8 @@ def test_actors_in_this_process_hold_quantized_bytes(quantized):
     for shard, bound in enumerate(bounds):
         actor = ExpertShardActor(str(quantized), "float32", bounds, shard, device="cpu")
         check(actor.resident_bytes(), expected_bytes(quantized, bound, False), f"expert {shard}")
-    print(f"portable path: {portable_path('cpu')}")
-
-
-@pytest.mark.skipif(portable_path("cpu"), reason="this process already runs the portable path")
-def test_portable_path_holds_quantized_bytes(tmp_path):
-    """The test above in a child pytest with LLAMA4SERVE_NATIVE_KERNELS=0 (the path is chosen once per process)."""
-    env = {**os.environ, "LLAMA4SERVE_NATIVE_KERNELS": "0"}
-    test = f"{Path(__file__).resolve()}::test_actors_in_this_process_hold_quantized_bytes"
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", test], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "2 passed" in run.stdout and "portable path: True" in run.stdout
+    if os.environ.get("LLAMA4SERVE_NATIVE_KERNELS") == "0":
+        assert portable_path("cpu")
 
 
 def test_ray_actors_hold_quantized_bytes(ray_session, quantized):
