@@ -135,7 +135,7 @@ class EngineCore:
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[Sequence]:
         """Runs one step; returns the sequences that gained tokens or finished in it."""
-        plan, refs = self._launch()
+        plan, refs = self.launch()
         while refs:  # more than once only when a dead actor was replaced and the step is redone
             outcomes = self.data_plane.collect(refs)
             dead = self._failing(dead_actors, self.data_plane.inflight.names, outcomes)
@@ -149,11 +149,6 @@ class EngineCore:
         plan, refs = self.launch()
         return await self.collect_async(plan, refs)
 
-    def launch(self) -> tuple[list, list]:
-        """The first half of `step_async`: schedules and starts a step; (plan, refs), no refs when nothing runs.
-        A caller that overlaps steps (AsyncEngine) launches the next step right after `collect_async`."""
-        return self._launch()
-
     async def collect_async(self, plan: list, refs: list) -> list[Sequence]:
         """The second half of `step_async`: awaits a launched step and records its outputs (the scheduler's
         postprocess, which must happen before the next `launch`); returns the sequences it updated."""
@@ -165,8 +160,10 @@ class EngineCore:
             plan, refs = self._redo(plan, await asyncio.to_thread(self._failing, self.recovery.replace, dead))
         return []
 
-    def _launch(self) -> tuple[list, list]:
-        """Schedules a step on every attention actor and starts it; ([(replica, scheduled, steps)], refs)."""
+    def launch(self) -> tuple[list, list]:
+        """Schedules a step on every attention actor and starts it: (plan, refs), plan [(replica, scheduled,
+        steps)], no refs when nothing runs. The first half of `step_async`; a caller that overlaps steps
+        (AsyncEngine) launches the next step right after `collect_async`."""
         self.check_alive()
         plans = [(i, r, r.scheduler.schedule()) for i, r in enumerate(self.replicas)]
         if not any(scheduled for _, _, scheduled in plans):
