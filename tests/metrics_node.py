@@ -78,3 +78,18 @@ def scrape_until(port: int, done: Callable[[dict], bool], timeout_s: float = 30)
         if done(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(0.5)
+
+
+# The end of a driver whose class `Host` (a Ray actor holding `self.engine`, an AsyncEngine, as the Serve Engine
+# replica does) has a `run` method returning the RESULT: appended to the driver's dedented source.
+HOSTED_ENGINE_END = '''
+    def shutdown(self):
+        self.engine.shutdown()
+
+
+host = Host.remote()
+print("RESULT " + json.dumps(ray.get(host.run.remote())), flush=True)
+sys.stdin.readline()  # the test has scraped
+ray.get(host.shutdown.remote())
+ray.shutdown()
+'''

@@ -4,12 +4,12 @@ engine. The end-to-end tier (real Serve gRPC proxy, real engine) is in the Serve
 import asyncio
 import pickle
 from dataclasses import replace
-from types import SimpleNamespace
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from ray.serve.grpc_util import RayServegRPCContext
+
+from grpc_context import context
 
 from llama4serve.cluster.serving.grpc.service import GrpcIngressMixin, RpcError
 from llama4serve.cluster.outputs import RequestOutput
@@ -59,16 +59,6 @@ class Ingress(GrpcIngressMixin):
     @property
     def in_flight(self):
         return self.admission.in_flight
-
-
-def context(metadata=()):
-    """The context object Serve passes as `grpc_context`, built from a stand-in of the server's context."""
-    raw = SimpleNamespace(
-        auth_context=dict, code=lambda: None, details=lambda: None, invocation_metadata=lambda: list(metadata),
-        peer=lambda: "ipv4:127.0.0.1:50000", peer_identities=lambda: None, peer_identity_key=lambda: None,
-        trailing_metadata=list,
-    )
-    return RayServegRPCContext(raw)
 
 
 async def collect(stream):

@@ -12,7 +12,7 @@ import textwrap
 from collections import defaultdict
 
 import pytest
-from metrics_node import metrics_driver, scrape_until, total as _total
+from metrics_node import HOSTED_ENGINE_END, metrics_driver, scrape_until, total as _total
 
 from llama4serve.cluster.checkpoints.maker import write_checkpoint
 
@@ -52,16 +52,8 @@ DRIVER = textwrap.dedent(
             return {"generated": sum(map(sum, emitted)), "moe_layers": list(cfg.moe_layers),
                     "top_k": cfg.num_experts_per_tok, "num_experts": cfg.num_experts}
 
-        def shutdown(self):
-            self.engine.shutdown()
-
-    host = Host.remote()
-    print("RESULT " + json.dumps(ray.get(host.run.remote())), flush=True)
-    sys.stdin.readline()  # the test has scraped
-    ray.get(host.shutdown.remote())
-    ray.shutdown()
     """
-)
+) + HOSTED_ENGINE_END
 
 
 @pytest.fixture(scope="module")

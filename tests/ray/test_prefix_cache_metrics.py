@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import textwrap
 
-from metrics_node import metrics_driver, scrape_until, total
+from metrics_node import HOSTED_ENGINE_END, metrics_driver, scrape_until, total
 
 from llama4serve.cluster.checkpoints.maker import write_checkpoint
 
@@ -42,16 +42,8 @@ DRIVER = textwrap.dedent(
             stats = self.engine.stats()
             return {"queries": stats["prefix_cache_queries"], "hits": stats["prefix_cache_hits"]}
 
-        def shutdown(self):
-            self.engine.shutdown()
-
-    host = Host.remote()
-    print("RESULT " + json.dumps(ray.get(host.run.remote())), flush=True)
-    sys.stdin.readline()  # the test has scraped
-    ray.get(host.shutdown.remote())
-    ray.shutdown()
     """
-)
+) + HOSTED_ENGINE_END
 
 
 def test_prefix_cache_counters_reach_prometheus(tmp_path):

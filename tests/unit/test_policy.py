@@ -8,14 +8,14 @@ import asyncio
 import base64
 import logging
 import traceback
-from types import SimpleNamespace
 
 import grpc
 import httpx
 import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError, gRPCStatusError
-from ray.serve.grpc_util import RayServegRPCContext
+
+from grpc_context import context
 
 from llama4serve.cluster.errors import DataPlaneError
 from llama4serve.cluster.serving.grpc.service import GrpcIngressMixin
@@ -26,16 +26,6 @@ from llama4serve.cluster.serving.policy import (BAD_INPUT, DEADLINE, UNAVAILABLE
 from llama4serve.protos import llama4serve_pb2 as pb
 
 MODEL = "tiny"
-
-
-def context(metadata=()):
-    """The context object Serve passes as `grpc_context` (as in tests/e2e/test_grpc_service.py)."""
-    raw = SimpleNamespace(
-        auth_context=dict, code=lambda: None, details=lambda: None, invocation_metadata=lambda: list(metadata),
-        peer=lambda: "ipv4:127.0.0.1:50000", peer_identities=lambda: None, peer_identity_key=lambda: None,
-        trailing_metadata=list,
-    )
-    return RayServegRPCContext(raw)
 
 
 class Server(GrpcIngressMixin):
