@@ -4,6 +4,7 @@
  * swiglu_f32:       y = (silu(x @ G) * (x @ U)) @ D in one call (dense MLPs, shared and routed experts).
  * rms_norm_f32:     x * rsqrt(mean(x^2) + eps) (* w).
  * decode_layer_f32: a whole decoder layer for a step in which every sequence decodes one token.
+ * pack_dispatch_f32: the router's dispatch blocks (actors/parallel/router.py) without a torch op per index.
  *
  * Weight layout: W [k, m] (input-major) is cut into P = ceil(m / 64) panels of 64 output columns, each stored
  * [k, 64] contiguously (the last one zero-padded): w[P, k, 64]. A panel is read front to back, so a batch-1
@@ -19,6 +20,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define NR 64 /* output columns per panel: 4 zmm */
 #define MR 6  /* rows of x per tile: 24 accumulators + 4 weight registers */
@@ -299,6 +301,12 @@ void rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_
  * x [n, H] is the residual stream, updated in place: x += attention(rms_norm(x)); x += ffn(rms_norm(x)), where
  * ffn is the dense MLP, or (MoE layers, top-1) shared_expert(xn) + expert_e(xn * sigmoid(router_e(xn))).
  * Every row is computed the same way whatever the other rows are.
+ *
+ * Split at the router (MoE layers with routed_rows set; the routed experts live in other processes): the call
+ * leaves x += attention(...), each row's expert in chosen, its score-scaled row xn * sigmoid(router_e(xn)) in
+ * routed_rows and shared_expert(xn) in shared_rows (row order); the caller sends routed_rows to the experts and
+ * adds shared + routed to x. The shared expert runs before the rows leave: while the expert processes compute,
+ * this one's threads would only take their cores.
  * ---------------------------------------------------------------------------------------------------------- */
 typedef struct {
     int64_t hidden, q_heads, kv_heads, head_dim;
@@ -321,6 +329,7 @@ typedef struct {
     const float *rope;                        /* [n, D / 2, 2] (cos, sin), NULL on NoPE layers */
     const float *q_scales;                    /* [n] NoPE temperature tuning, or NULL */
     int32_t qk_norm;                          /* L2-normalise q and k heads after RoPE */
+    float *routed_rows, *shared_rows;         /* [n, H] each, or NULL; see "split at the router" above */
 } DecodeLayer;
 
 static void swiglu_for(const float *x, const Panels *gate_up, const Panels *down, float *act, float *y, int64_t n,
@@ -376,6 +385,13 @@ static void attend_head(const float *q, const float *own_k, const float *own_v, 
         const float p = scores[j] / total;
         for (int64_t i = 0; i < dim; i++) out[i] += p * value[i];
     }
+}
+
+/* The first of the largest logits (the routed expert of top-1 routing). */
+static inline int64_t top1(const float *logits, int64_t num_e) {
+    int64_t best = 0;
+    for (int64_t e = 1; e < num_e; e++) best = logits[e] > logits[best] ? e : best;
+    return best;
 }
 
 /* Scratch for n rows whose longest context has max_ctx slots: decode_scratch_floats(...) floats and
@@ -435,17 +451,22 @@ void decode_layer_f32(const DecodeLayer *L, const DecodeDims *d, int64_t n, floa
             for (int64_t i = 0; i < h; i++) x[r * h + i] += tmp[r * h + i];
             rms_norm_f32(x + r * h, L->post_norm, xn + r * h, 1, h, d->eps);
         }
-        if (L->router) {
-            linear_for(xn, h, L->router, 0, logits, n, h, num_e);
+        if (L->router) linear_for(xn, h, L->router, 0, logits, n, h, num_e);
+        if (L->router && L->routed_rows) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < n; r++) {
+                chosen[r] = top1(logits + r * num_e, num_e);
+                const float score = 1.0f / (1.0f + expf(-logits[r * num_e + chosen[r]]));
+                for (int64_t i = 0; i < h; i++) L->routed_rows[r * h + i] = xn[r * h + i] * score;
+            }
+            swiglu_for(xn, L->mlp_gate_up, L->mlp_down, act, L->shared_rows, n, h, L->mlp_inter);
+        } else if (L->router) {
 #pragma omp single
             { /* top-1 expert and score per row; a counting sort groups the rows by expert */
                 for (int64_t e = 0; e <= num_e; e++) start[e] = 0;
                 for (int64_t r = 0; r < n; r++) {
-                    const float *lr = logits + r * num_e;
-                    int64_t best = 0;
-                    for (int64_t e = 1; e < num_e; e++) best = lr[e] > lr[best] ? e : best;
-                    chosen[r] = best;
-                    start[best + 1]++;
+                    chosen[r] = top1(logits + r * num_e, num_e);
+                    start[chosen[r] + 1]++;
                 }
                 for (int64_t e = 0; e < num_e; e++) start[e + 1] += start[e];
                 for (int64_t r = 0; r < n; r++) order[r] = -1;
@@ -464,12 +485,47 @@ void decode_layer_f32(const DecodeLayer *L, const DecodeDims *d, int64_t n, floa
                                routed + start[e] * h, rows, h, L->expert_inter);
             }
         }
-        swiglu_for(xn, L->mlp_gate_up, L->mlp_down, act, shared, n, h, L->mlp_inter);
+        if (!(L->router && L->routed_rows)) { /* the same on every thread */
+            swiglu_for(xn, L->mlp_gate_up, L->mlp_down, act, shared, n, h, L->mlp_inter);
 #pragma omp for schedule(static)
-        for (int64_t at = 0; at < n; at++) {
-            const int64_t r = L->router ? order[at] : at;
-            for (int64_t i = 0; i < h; i++)
-                x[r * h + i] += L->router ? shared[r * h + i] + routed[at * h + i] : shared[r * h + i];
+            for (int64_t at = 0; at < n; at++) {
+                const int64_t r = L->router ? order[at] : at;
+                for (int64_t i = 0; i < h; i++)
+                    x[r * h + i] += L->router ? shared[r * h + i] + routed[at * h + i] : shared[r * h + i];
+            }
         }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * pack_dispatch_f32: what `Router.start` sends, for float32 rows on the CPU. x [n, h] rows with their global
+ * expert ids [n]; expert e lives on expert rank rank_of[e] (0 .. num_ranks - 1) as its local expert local_of[e]
+ * (< max_local). Writes blocks [num_ranks, head + capacity, h]: block j is head rows holding the int32 counts of
+ * rank j's local experts (zero bytes after them), then its rows sorted by expert, stable, zeros after them; and
+ * slot[r], the row of x[r] among the num_ranks * capacity row slots. counts: num_ranks * max_local int64 of
+ * scratch. The same bytes as the torch path.
+ * ---------------------------------------------------------------------------------------------------------- */
+void pack_dispatch_f32(const float *x, const int64_t *ids, int64_t n, int64_t h, const int64_t *rank_of,
+                       const int64_t *local_of, int64_t num_ranks, int64_t max_local, int64_t head,
+                       int64_t capacity, int64_t *counts, float *blocks, int64_t *slot) {
+    const int64_t block = (head + capacity) * h;
+    for (int64_t i = 0; i < num_ranks * max_local; i++) counts[i] = 0;
+    for (int64_t r = 0; r < n; r++) counts[rank_of[ids[r]] * max_local + local_of[ids[r]]]++;
+    for (int64_t j = 0; j < num_ranks; j++) {
+        float *b = blocks + j * block;
+        int64_t used = 0;
+        for (int64_t i = 0; i < head * h; i++) b[i] = 0.0f;
+        for (int64_t m = 0; m < max_local; m++) {
+            const int32_t c = (int32_t)counts[j * max_local + m];
+            memcpy((char *)b + 4 * m, &c, 4);
+            counts[j * max_local + m] = used; /* from here on: the next free row of that expert */
+            used += c;
+        }
+        for (int64_t i = (head + used) * h; i < block; i++) b[i] = 0.0f;
+    }
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t j = rank_of[ids[r]], at = counts[j * max_local + local_of[ids[r]]]++;
+        slot[r] = j * capacity + at;
+        memcpy(blocks + j * block + (head + at) * h, x + r * h, h * sizeof(float));
     }
 }

@@ -93,6 +93,7 @@ def cpu_kernels() -> ctypes.CDLL | None:
             # DecodeLayer / DecodeDims structs from actors/runner/fused_decode.py, by address
             "decode_layer_f32": [ptr, ptr, i64, ptr, ptr, ptr, ptr],
             "decode_scratch_floats": [ptr, i64, i64, i64, i64],
+            "pack_dispatch_f32": [ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes

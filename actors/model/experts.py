@@ -9,7 +9,7 @@ from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import grouped_swiglu_mm
 from llama4serve.kernels.linear import unpack_weight
 from llama4serve.kernels.quant import QuantizedWeight
-from llama4serve.kernels.moe import grouped_swiglu
+from llama4serve.kernels.moe import grouped_swiglu, swiglu
 from llama4serve.actors.model.checkpoint import TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
 from llama4serve.actors.model.quantized import load_quant_format, read_experts
@@ -98,6 +98,20 @@ class LocalExperts:
             out[keep] = self(layer, x[keep], expert_ids[keep])
             return out
         return grouped_swiglu(x, expert_ids, self.packed_gate_up[layer], self.packed_down[layer], self.first_expert)
+
+    def serve_blocks(self, layer: int, blocks: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
+        """CPU fast path of an expert rank: blocks [A, C, H] whose rows come sorted by local expert, counts[a][m]
+        rows of local expert m in block a -> [A, C, H], each row through its expert, zeros after the counted
+        rows. One SwiGLU per (block, expert) with rows, on contiguous row ranges: no sort, no gather."""
+        out = torch.zeros_like(blocks)
+        gate_up, down = self.packed_gate_up[layer], self.packed_down[layer]
+        for a, block_counts in enumerate(counts):
+            row = 0
+            for m, n in enumerate(block_counts):
+                if n:
+                    out[a, row : row + n] = swiglu(blocks[a, row : row + n], gate_up[m], down[m])
+                row += n
+        return out
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):
         """The routed-experts protocol of the model (see `Router.start`): here the work is done at once."""

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist  # noqa: F401 - the fake-CUDA tests patch router.dist.all_to_all_single
 
+from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import expert_ids_from_counts
 from llama4serve.actors.model.experts import LocalExperts
 from llama4serve.actors.parallel.exchange import CollectiveExchange
@@ -94,12 +95,40 @@ class Router:
         self.exchange: CollectiveExchange = CollectiveExchange(layout.first_expert_rank, layout.world_size)
         self.exchange_seconds = 0.0  # from dispatch to combined results, incl. the expert ranks' compute
         self.exchanges = 0
+        self.native = native.cpu_kernels() if self.device.type == "cpu" else None
+        self.rank_of = (layout.owner - layout.first_expert_rank).cpu()  # [E] expert rank index of each expert
+        num_ranks = layout.world_size - layout.first_expert_rank
+        self.pack_counts = torch.empty(num_ranks * layout.max_local, dtype=torch.long)  # the native packer's scratch
 
     def start(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int
     ) -> Callable[[], torch.Tensor]:
         """x [N, H] score-scaled rows, expert_ids [N], capacity >= N -> finish() returning outputs [N, H]."""
         t0 = time.perf_counter()
+        h, num_ranks = self.hidden_size, self.layout.world_size - self.layout.first_expert_rank
+        if x.shape[0] > capacity:
+            raise ValueError(f"{x.shape[0]} routed rows exceed the step's MoE capacity {capacity}")
+        native_path = self.native is not None and x.device.type == "cpu" and x.dtype == torch.float32
+        # [R, B, H] (B = header rows + C), [N] the row slot of each row
+        buf, slot = (self._pack_native if native_path else self._pack)(x, expert_ids, capacity)
+        # Dispatch returns once the rows are sent; the torch layer path computes the shared expert while the
+        # expert ranks work, then `finish` collects the combine.
+        self.exchange.dispatch(buf)
+        self.exchange_seconds += time.perf_counter() - t0
+
+        def finish() -> torch.Tensor:
+            t1 = time.perf_counter()
+            back = self.exchange.combine(capacity, x).reshape(num_ranks * capacity, h)  # [R * C, H] dispatch order
+            out = back.index_select(0, slot)
+            self.exchange_seconds += time.perf_counter() - t1
+            self.exchanges += 1
+            return out
+
+        return finish
+
+    def _pack(self, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dispatch blocks [R, head + C, H] and each row's slot [N] among the R * C row slots, with torch ops on
+        the rows' device (no host sync)."""
         layout, h, n = self.layout, self.hidden_size, x.shape[0]
         first, world = layout.first_expert_rank, layout.world_size
         num_ranks, head = world - first, self.header_rows
@@ -112,21 +141,21 @@ class Router:
         slot = rank_sorted * capacity + within  # [N] row slot of each sorted row in the [R * C] blocks
         rows = x.new_zeros(num_ranks * capacity, h).index_copy_(0, slot, x.index_select(0, order))  # [R * C, H]
         header = encode_counts(counts, head, h, x.dtype)  # [R, head, H]
-        buf = torch.cat([header, rows.view(num_ranks, capacity, h)], dim=1)  # [R, B, H], B = head + C
-        # Dispatch returns once the rows are sent; the caller computes the shared expert while the expert ranks
-        # work, then `finish` collects the combine.
-        self.exchange.dispatch(buf)
-        self.exchange_seconds += time.perf_counter() - t0
+        buf = torch.cat([header, rows.view(num_ranks, capacity, h)], dim=1)
+        return buf, torch.empty_like(slot).index_copy_(0, order, slot)
 
-        def finish() -> torch.Tensor:
-            t1 = time.perf_counter()
-            back = self.exchange.combine(capacity, x).reshape(num_ranks * capacity, h)  # [R * C, H] dispatch order
-            out = torch.empty_like(x).index_copy_(0, order, back.index_select(0, slot))
-            self.exchange_seconds += time.perf_counter() - t1
-            self.exchanges += 1
-            return out
-
-        return finish
+    def _pack_native(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                     capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_pack` in one native call (float32 on the CPU): the same bytes."""
+        layout, h, n = self.layout, self.hidden_size, x.shape[0]
+        num_ranks = layout.world_size - layout.first_expert_rank
+        buf = torch.empty(num_ranks, self.header_rows + capacity, h)
+        slot = torch.empty(n, dtype=torch.long)
+        x, ids = x.contiguous(), expert_ids.contiguous()
+        self.native.pack_dispatch_f32(x.data_ptr(), ids.data_ptr(), n, h, self.rank_of.data_ptr(),
+                                      layout.local_index.data_ptr(), num_ranks, layout.max_local, self.header_rows,
+                                      capacity, self.pack_counts.data_ptr(), buf.data_ptr(), slot.data_ptr())
+        return buf, slot
 
     def idle_step(self, capacity: int) -> None:
         """Joins every MoE layer's collectives with zero rows (a step in which this rank has no sequences)."""
@@ -141,10 +170,15 @@ def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hid
                     exchange: CollectiveExchange | None = None) -> torch.Tensor:
     """An expert rank's side of one MoE layer: receive each attention rank's block, run the grouped SwiGLU over
     every block at once (padding rows give zeros), send each block back whole. Returns the number of rows
-    served, a 0-dim tensor on `device` (reading it is the caller's sync, after the layer loop)."""
+    served, a 0-dim tensor on `device` (reading it is the caller's sync, after the layer loop); an int on the
+    CPU fast path, which reads the counts on the host and runs one SwiGLU per (block, expert) row range."""
     exchange = exchange or CollectiveExchange(layout.first_expert_rank, layout.world_size)
     first, head = layout.first_expert_rank, header_rows(layout, hidden_size, dtype)
     recv = exchange.receive(head + capacity, hidden_size, dtype, device)  # [A, B, H]
+    if not experts.portable:
+        counts = decode_counts(recv[:, :head], layout.max_local).tolist()  # [A][M]
+        exchange.reply(experts.serve_blocks(layer, recv[:, head:], counts))
+        return sum(map(sum, counts))
     counts = decode_counts(recv[:, :head], layout.max_local)  # [A, M]
     # Within each source's block, rows are sorted by local expert: their expert ids follow from the counts.
     expert_ids = expert_ids_from_counts(counts, capacity, experts.first_expert)  # [A * C], -1 for padding

@@ -4,8 +4,11 @@ A decode step reads every weight once, but on the torch path it also runs some f
 (norms, rotation, padding, cache gathers, masks, softmax, routing, expert grouping), each costing more to
 dispatch than to compute at decode sizes. This path runs a whole layer for all the step's sequences in one call
 and one parallel region. It is taken only where it computes what `Llama4TextModel.forward` computes (tests
-compare the two): float32 weights in the native panel layout, top-1 routing with every expert in this process,
-and a step in which every sequence decodes one token, without image rows.
+compare the two): float32 weights in the native panel layout, top-1 routing, and a step in which every sequence
+decodes one token, without image rows. With every routed expert in this process a MoE layer is one call too;
+with the experts on expert actors the call stops after the router and the shared expert (split at the router):
+the score-scaled rows go out through the routed experts' `start` (the router's exchange) and their results are
+added when they are back.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ class _Layer(ctypes.Structure):  # DecodeLayer in cpu_kernels.c, field for field
         ("o_bias", _ptr), ("router", _ptr), ("mlp_gate_up", _ptr), ("mlp_down", _ptr), ("expert_gate_up", _ptr),
         ("expert_down", _ptr), ("mlp_inter", _i64), ("expert_inter", _i64), ("num_experts", _i64),
         ("k_cache", _ptr), ("v_cache", _ptr), ("ctx_slots", _ptr), ("ctx_offsets", _ptr), ("write_slots", _ptr),
-        ("rope", _ptr), ("q_scales", _ptr), ("qk_norm", ctypes.c_int32),
+        ("rope", _ptr), ("q_scales", _ptr), ("qk_norm", ctypes.c_int32), ("routed_rows", _ptr),
+        ("shared_rows", _ptr),
     ]
 
 
@@ -50,14 +54,16 @@ class FusedDecode:
     @classmethod
     def create(cls, cfg: ModelConfig, model, kv: KVCache, experts, inv_freq: torch.Tensor) -> FusedDecode | None:
         """The fused path for this model, or None where it does not apply. experts: the `LocalExperts` holding
-        every routed expert, or None (experts on expert actors)."""
+        every routed expert, or None (experts on expert actors: MoE layers split at the router)."""
         lib = native.cpu_kernels()
         matrices = [w[name] for w in model.layers for name in ("qkv", "o", "router", "mlp_gate_up", "mlp_down")
                     if name in w]
         if cfg.moe_layers:
-            if experts is None or experts.num_local_experts != cfg.num_experts or cfg.num_experts_per_tok != 1:
+            if cfg.num_experts_per_tok != 1 or experts is not None and experts.num_local_experts != cfg.num_experts:
                 return None
-            matrices += [w for ws in (*experts.packed_gate_up.values(), *experts.packed_down.values()) for w in ws]
+            if experts is not None:
+                matrices += [w for ws in (*experts.packed_gate_up.values(), *experts.packed_down.values())
+                             for w in ws]
         if lib is None or model.dtype != torch.float32 or not all(isinstance(w, PanelWeight) for w in matrices):
             return None
         return cls(cfg, model, kv, experts, inv_freq, lib)
@@ -78,12 +84,15 @@ class FusedDecode:
                 qk_norm=int(cfg.use_rope[i] and cfg.use_qk_norm),
             )
             if "router" in w:
+                layer.num_experts = cfg.num_experts
+            if "router" in w and experts is not None:
                 gate_up = (_ptr * cfg.num_experts)(*[p.ptr for p in experts.packed_gate_up[i]])
                 down = (_ptr * cfg.num_experts)(*[p.ptr for p in experts.packed_down[i]])
                 self.keep += [gate_up, down]
                 layer.expert_gate_up, layer.expert_down = ctypes.addressof(gate_up), ctypes.addressof(down)
-                layer.expert_inter, layer.num_experts = cfg.intermediate_size, cfg.num_experts
+                layer.expert_inter = cfg.intermediate_size
             self.layers.append(layer)
+        self.split = bool(cfg.moe_layers) and experts is None
         self.max_inter = max(max(layer.mlp_inter, layer.expert_inter) for layer in self.layers)
         self.moe_layers = [i for i, layer in enumerate(self.layers) if layer.router]
 
@@ -115,9 +124,11 @@ class FusedDecode:
         return out
 
     @torch.inference_mode()
-    def forward(self, seqs: list[SeqStep], expert_load) -> torch.Tensor:
-        """The final-normed hidden states [B, H] of the sequences' tokens; counts the routed experts."""
-        cfg, model, n = self.cfg, self.model, len(seqs)
+    def forward(self, seqs: list[SeqStep], routed, capacity: int | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, H] of the sequences' tokens. routed: the model's routed experts
+        (an `ExpertLoad`: it counts the rows each expert gets); capacity: the step's MoE capacity (split at the
+        router; default: the rows of this step)."""
+        cfg, model, n, h = self.cfg, self.model, len(seqs), self.cfg.hidden_size
         positions = torch.tensor([s.start_pos for s in seqs])
         rope = torch.view_as_real(rope_freqs_cis(positions, self.inv_freq)).contiguous()  # [B, D/2, 2]
         q_scales = None
@@ -127,6 +138,7 @@ class FusedDecode:
         longest = max(int((offsets[1:] - offsets[:-1]).max()) for _, offsets, _ in pools.values())
         scratch = torch.empty(self.lib.decode_scratch_floats(ctypes.addressof(self.dims), n, cfg.num_experts,
                                                              self.max_inter, longest))
+        routed_rows, shared_rows = (torch.empty(n, h), torch.empty(n, h)) if self.split else (None, None)
         ints = torch.empty(n + cfg.num_experts + 1, dtype=torch.long)
         chosen = torch.empty(len(self.layers), n, dtype=torch.long)
         x = model.embed[torch.tensor([s.token_ids[0] for s in seqs])].contiguous()  # [B, H], a copy
@@ -135,8 +147,14 @@ class FusedDecode:
             layer.ctx_slots, layer.ctx_offsets, layer.write_slots = ctx.data_ptr(), offsets.data_ptr(), writes.data_ptr()
             layer.rope = rope.data_ptr() if cfg.use_rope[i] else None
             layer.q_scales = q_scales.data_ptr() if q_scales is not None and not cfg.use_rope[i] else None
+            split = self.split and bool(layer.router)
+            layer.routed_rows = routed_rows.data_ptr() if split else None
+            layer.shared_rows = shared_rows.data_ptr() if split else None
             self.lib.decode_layer_f32(ctypes.addressof(layer), ctypes.addressof(self.dims), n, x.data_ptr(),
                                       scratch.data_ptr(), ints.data_ptr(), chosen[i].data_ptr())
-        if self.moe_layers:
-            expert_load.count([i for i in self.moe_layers for _ in range(n)], chosen[self.moe_layers].reshape(-1))
+            if split:  # x += shared + routed experts(routed_rows), as the unsplit layer adds them
+                finish = routed.start(i, routed_rows, chosen[i], n if capacity is None else capacity)
+                x += shared_rows.add_(finish())
+        if self.moe_layers and not self.split:
+            routed.count([i for i in self.moe_layers for _ in range(n)], chosen[self.moe_layers].reshape(-1))
         return rms_norm(x, model.norm, cfg.rms_norm_eps)

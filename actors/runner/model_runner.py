@@ -32,7 +32,8 @@ _SEED_STRIDE = 1_000_003
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: Llama4TextModel, kv: KVCache, images=None, local_experts=None):
         """images: an `ImageFeatureCache` when the checkpoint takes images. local_experts: the `LocalExperts`
-        when every routed expert is in this process (enables the fused decode path)."""
+        when every routed expert is in this process, None when they are on expert actors (the fused decode path
+        then splits its MoE layers at the router)."""
         self.cfg = cfg
         self.model = model
         self.kv = kv
@@ -158,7 +159,7 @@ class ModelRunner:
         """The step's final-normed hidden states [T, H] on the device (KV cache written); no host sync.
         image_embeds: the step's image rows (`ImageFeatureCache.for_step`)."""
         if self.fused is not None and self.fused.applies(batch, image_embeds):
-            return self.fused.forward(batch.seqs, self.model.routed)  # [B, H]
+            return self.fused.forward(batch.seqs, self.model.routed, batch.moe_capacity)  # [B, H]
         token_ids, meta = self.build_meta(batch)
         return self.model.forward(token_ids, meta, self.kv, image_embeds)  # [T, H]
 

@@ -11,6 +11,7 @@ from hf_reference import MAVERICK_LIKE, SCOUT_LIKE, write_hf_checkpoint
 from llama4serve.actors.attention_actor import AttentionActor
 from llama4serve.actors.step_io import StepBatch
 from llama4serve.actors.model.config import load_model_config
+from llama4serve.actors.runner.fused_decode import FusedDecode
 from llama4serve.cluster.engine.block_manager import BlockManager
 from llama4serve.cluster.sampling_params import SamplingParams
 from llama4serve.cluster.engine.scheduler import Scheduler, Sequence
@@ -28,7 +29,8 @@ CONFIGS = {
 def test_fused_decode_matches_torch_path(name, tmp_path):
     """Three sequences of different lengths decode side by side (positions up to 71: several chunk boundaries,
     16 tokens per chunk); at every all-decode step the fused path gives the torch path's hidden states, and each
-    row bit for bit what that sequence gives alone."""
+    row bit for bit what that sequence gives alone. So does the path split at the router (what an attention actor
+    with expert actors runs; here the routed experts are the actor's own, behind the same `start` protocol)."""
     if native.cpu_kernels() is None:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     path = write_hf_checkpoint(tmp_path, CONFIGS[name], seed=3)
@@ -36,6 +38,8 @@ def test_fused_decode_matches_torch_path(name, tmp_path):
     actor = AttentionActor(str(path), "float32", num_full_blocks=64, num_chunk_blocks=32, block_size=8)
     runner = actor.runner
     assert runner.fused is not None
+    split = FusedDecode.create(cfg, runner.model, actor.kv, None, runner.inv_freq)
+    assert split.split
     blocks = BlockManager(64, 32, 8, cfg.attention_chunk_size, bool(cfg.full_layers), bool(cfg.chunked_layers))
     scheduler = Scheduler(blocks, max_num_seqs=3, max_num_batched_tokens=64)
     g = torch.Generator().manual_seed(1)
@@ -58,6 +62,9 @@ def test_fused_decode_matches_torch_path(name, tmp_path):
             assert int((actor.expert_load.counts - counts_before).sum()) == len(cfg.moe_layers) * len(batch.seqs)
             for row, step in enumerate(batch.seqs):
                 assert torch.equal(runner.fused.forward([step], actor.expert_load)[0], fused[row])
+            split_out = split.forward(batch.seqs, actor.expert_load, capacity=len(batch.seqs) + 2)
+            torch.testing.assert_close(split_out, reference, atol=2e-5, rtol=1e-4)
+            assert torch.equal(split.forward(batch.seqs[-1:], actor.expert_load)[0], split_out[-1])
             decode_steps += 1
         outputs = actor.step(batch)  # the runner takes the fused path for all-decode steps
         for (seq, step), out in zip(scheduled, outputs):
