@@ -6,8 +6,10 @@
    serialized, per token.
 2. Engine -> Ingress through a Serve handle: `--streams` concurrent streams of `--tokens` RequestOutputs each
    (one Ray object per token per request, the old way) against one stream of `--tokens` lists of `--streams`
-   outputs (one message per step, the batched way), per token.
-3. Ingress -> client through Serve's HTTP proxy: `--streams` concurrent SSE responses of `--tokens` events, per event.
+   outputs (one message per step, the batched way), per token; each over Ray object refs and over the replicas'
+   gRPC servers (what the Ingress uses, `serving/engine_client.py`).
+3. Ingress -> client through Serve's HTTP proxy (over gRPC, `serving/serve_env.py`): `--streams` concurrent SSE
+   responses of `--tokens` events, per event.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llama4serve.cluster.inputs.tokenizer import Tokenizer
 from llama4serve.cluster.outputs import RequestOutput
 from llama4serve.cluster.serving.openai.formatters import CompletionFormatter
 from llama4serve.cluster.serving.openai.protocol import CompletionRequest
+from llama4serve.cluster.serving import serve_env
 from llama4serve.cluster.serving.openai.serving import sse
 
 
@@ -81,8 +84,10 @@ def sse_cost(model_dir: Path, tokens: int) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-async def handle_costs(handle, streams: int, tokens: int) -> tuple[float, float]:
-    stream = handle.options(stream=True)
+async def handle_costs(handle, streams: int, tokens: int, by_reference: bool) -> tuple[float, float]:
+    """Per token: one object per token per request, and one message per step; over Ray object refs or (the
+    Ingress's way, `engine_client.py`) over the replicas' gRPC servers."""
+    stream = handle.options(stream=True, _by_reference=by_reference)
 
     async def one(rid):
         return [o async for o in stream.per_request.remote(rid, tokens)]
@@ -118,11 +123,13 @@ def main() -> None:
     args = p.parse_args()
     model_dir = resolve_model(args.model, "bench-small", Path.home() / ".cache" / "llama4serve")
     sse_s, grpc_s = sse_cost(model_dir, 2000), grpc_cost(2000)
+    serve_env.apply()  # the proxy reaches the replica as under `llama4serve serve`
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     handle = serve.run(Source.bind(), name="hops", route_prefix="/hops")
     try:
-        per_request, batched = asyncio.run(handle_costs(handle, args.streams, args.tokens))
+        costs = {by_ref: asyncio.run(handle_costs(handle, args.streams, args.tokens, by_ref))
+                 for by_ref in (True, False)}
         http_s = asyncio.run(http_cost(args.port, args.streams, args.tokens))
     finally:
         serve.shutdown()
@@ -130,9 +137,11 @@ def main() -> None:
     print(f"{args.streams} streams x {args.tokens} tokens; per token (us):")
     print(f"  SSE encoding (formatter + sse)                 {sse_s * 1e6:8.1f}")
     print(f"  gRPC encoding (_add_output + serialize)        {grpc_s * 1e6:8.1f}")
-    print(f"  handle, one object per token per request       {per_request * 1e6:8.1f}")
-    print(f"  handle, one message per step (batched)         {batched * 1e6:8.1f}")
-    print(f"  HTTP proxy, one SSE event (incl. encoding)     {http_s * 1e6:8.1f}")
+    for by_ref, (per_request, batched) in costs.items():
+        way = "object refs" if by_ref else "gRPC"
+        print(f"  handle ({way:11}), one object per token per request {per_request * 1e6:8.1f}")
+        print(f"  handle ({way:11}), one message per step (batched)   {batched * 1e6:8.1f}")
+    print(f"  HTTP proxy, one SSE event (incl. encoding), proxy over gRPC  {http_s * 1e6:8.1f}")
 
 
 if __name__ == "__main__":

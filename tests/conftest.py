@@ -28,9 +28,12 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for the whole test session (ray.init takes ~10 s here). More logical CPUs than
-    cores, so that several actors fit."""
+    cores, so that several actors fit. Serve's transport settings are those `llama4serve serve` runs with."""
     import ray
 
+    from llama4serve.cluster.serving import serve_env
+
+    serve_env.apply()
     ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -7,7 +7,9 @@ token-id prompts of `--input-len` tokens, `--output-len` new tokens, `ignore_eos
 TTFT and ITL p50/p99 (ITL: gaps between a stream's chunks), the served/offline ratio, one prompt's prefill time,
 and where the Engine replica's loop spent each step (from `Engine.stream_stats`). Last, the TTFT of 8 new
 requests sent one after another while streams - 1 others decode: the admission latency the issue's TTFT target
-is about, apart from a burst's own queue of prefills.
+is about, apart from a burst's own queue of prefills. Both sides first run each workload's burst once untimed (an
+actor's first large prefill costs far more than later ones). `--serve-option FIELD=VALUE` sets a ServeConfig field
+of the server, e.g. `stream_interval=2`; the offline side is unchanged by it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama4serve.cluster.sampling_params import SamplingParams
+from llama4serve.cluster.serving import serve_env
 
 
 def add_serve_arguments(p) -> None:
@@ -28,6 +31,8 @@ def add_serve_arguments(p) -> None:
     p.add_argument("--input-len", type=int, default=128, help="serve suite: prompt tokens")
     p.add_argument("--output-len", type=int, default=64, help="serve suite: generated tokens (ignore_eos)")
     p.add_argument("--serve-trials", type=int, default=3, help="serve suite: served + offline runs per stream count")
+    p.add_argument("--serve-option", action="append", default=[], metavar="FIELD=VALUE",
+                   help="serve suite: a ServeConfig field of the server (repeatable), e.g. stream_interval=4")
 
 
 @dataclass
@@ -200,7 +205,8 @@ class Offline:
 
 
 def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]], output_len: int,
-              trials: int) -> tuple[dict[int, list[tuple[Run, float]]], float, dict[int, list[float]]]:
+              trials: int, serve_options: dict | None = None
+              ) -> tuple[dict[int, list[tuple[Run, float]]], float, dict[int, list[float]]]:
     """({streams: [(served run, offline tok/s)] per trial}, one prompt's prefill s, {streams: TTFTs of new
     requests among streams - 1 running ones}). Served and offline runs alternate, so that a shared machine's
     drift hits both alike."""
@@ -210,7 +216,7 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
     from llama4serve.cluster.serving.serve_config import ServeConfig
 
     config = ServeConfig(model=str(model_dir), dtype=dtype, http_port=_free_port(), grpc_port=_free_port(),
-                         max_num_seqs=max(workloads))
+                         max_num_seqs=max(workloads), **(serve_options or {}))
     name = config.model_name()
     start_serve(config)
     results: dict[int, list[tuple[Run, float]]] = {n: [] for n in workloads}
@@ -219,9 +225,10 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
         _wait_healthy(config.http_port)
         engine = serve.get_deployment_handle("Engine", APP_NAME)
         warm = next(iter(workloads.values()))
-        asyncio.run(drive(config.http_port, name, warm[:2], 4))
         offline = Offline(model_dir, dtype, max(workloads), output_len)
-        offline.tokens_per_s(warm[:2])  # warm-up
+        for prompts in workloads.values():  # warm-up: each side's first burst of prefills pays for its memory
+            asyncio.run(drive(config.http_port, name, prompts, 4))
+            offline.batch_prefill_s(prompts)
         prefill = offline.prefill_s(warm[:3])
         for _ in range(trials):
             for n, prompts in workloads.items():
@@ -244,15 +251,19 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
 
 def serve_suite(model_dir: Path, cfg, args) -> None:
     import ray
+    import yaml
 
     streams = [int(x) for x in str(args.serve_streams).split(",") if x.strip()]
     workloads = {n: random_prompts(n, args.input_len, cfg.vocab_size, seed=n) for n in streams}
     if not ray.is_initialized():
+        serve_env.apply()  # what `llama4serve serve` runs with
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 8), include_dashboard=False, log_to_driver=False)
-    results, prefill, loaded = run_suite(model_dir, args.dtype, workloads, args.output_len, args.serve_trials)
+    options = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.serve_option)}
+    results, prefill, loaded = run_suite(model_dir, args.dtype, workloads, args.output_len, args.serve_trials, options)
+    shown = ", ".join(f"{k} {v}" for k, v in options.items()) or "defaults"
     print(f"model {model_dir} ({args.dtype}), {args.input_len} prompt tokens (random ids), {args.output_len} "
           f"new tokens (ignore_eos), one request per stream, {os.cpu_count()} cores, {args.serve_trials} trials "
-          "(served and offline alternate; the trial with the median ratio is shown)")
+          f"(served and offline alternate; the trial with the median ratio is shown); server options: {shown}")
     print(f"one prompt's prefill (offline, best of 3): {prefill * 1e3:.1f} ms")
     print(f"{'streams':>7} {'served tok/s':>12} {'offline tok/s':>13} {'ratio':>6} {'TTFT p50':>9} {'p99':>7} "
           f"{'ITL p50':>8} {'p99':>7} {'TTFT p50/prefill':>16} {'burst prefill':>13}  ratios of all trials")

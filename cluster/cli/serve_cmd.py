@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+from llama4serve.cluster.serving import serve_env
 from llama4serve.cluster.serving.serve_config import API_KEY_ENV, ServeConfig
 
 APP_NAME = "llama4serve"
@@ -75,6 +76,7 @@ def main_serve(args: argparse.Namespace) -> int:
     config = with_checkpoint(config_from_args(args))
     local = args.address is None
     if local:
+        serve_env.apply()  # before ray.init: the proxies read it when they start
         # Logical CPUs for every data-plane actor of every replica (they mostly wait on each other).
         actors = (config.attention_actors + config.expert_actors) * config.num_replicas
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, actors + 4), include_dashboard=True,

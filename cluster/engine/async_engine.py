@@ -50,6 +50,15 @@ class _Stream:
     def seq(self):
         return self.state.seq
 
+    @property
+    def finished(self) -> bool:
+        return self.state.seq.finish_reason is not None
+
+    @property
+    def num_unsent(self) -> int:
+        """Generated tokens `AsyncEngine.take` has not handed out yet."""
+        return len(self.state.seq.output_ids) - self.state.num_emitted_ids
+
     def poke(self) -> None:
         self.wake.set()
         if self.notify is not None:

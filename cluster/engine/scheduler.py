@@ -1,9 +1,9 @@
 """Continuous-batching scheduler (plain Python, no torch): which sequences run this step, with how many tokens.
 
-Each step: running sequences first (decode one token, or the next piece of a prompt), then new sequences from
-the waiting queue while the token budget, `max_num_seqs` and both KV pools allow, each starting after the
-longest prefix of its tokens the prefix cache holds (`block_manager.py`). When blocks run out, the
-newest running sequence is preempted (its blocks freed; it is recomputed later from its tokens).
+A step runs prompts or decodes, not both: prompts that can run without preempting anyone (a running one's next
+piece, then waiting ones within the token budget, `max_num_seqs` and both KV pools, each from its longest cached
+prefix) go first, as a mixed batch leaves the decode kernels and pads every row's attention to the longest prompt
+(2.6x slower). Else all running sequences run; when blocks run out the newest is preempted (recomputed later).
 
 Image prompts: the first step of a (re)prefill (at position 0, or after a cached prefix that ends before the
 last image row) carries the pixel values (an ObjectRef) so the actor encodes them once per (re)prefill; sequences that end or are preempted while the actor may hold their features are listed in
@@ -208,32 +208,29 @@ class Scheduler:
                 )
 
     def schedule(self) -> list[tuple[Sequence, SeqStep]]:
-        """The work of the next step; empty when nothing can run."""
+        """The next step's work (see the module docstring); empty when nothing can run."""
+        return self._schedule(prompts_only=True) or self._schedule(prompts_only=False)  # an empty pass changes nothing
+
+    def _schedule(self, prompts_only: bool) -> list[tuple[Sequence, SeqStep]]:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, SeqStep]] = []
         preempted = False
         for seq in list(self.running):
-            if seq not in self.running or budget == 0:
-                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq not in self.running or budget == 0 or (prompts_only and (
+                    n == 1 or not self.blocks.can_append(seq.seq_id, seq.num_computed + n))):
+                continue
             while not self.blocks.can_append(seq.seq_id, seq.num_computed + n):
-                victim = self.running[-1]
-                self.preempt(victim)
+                self.preempt(victim := self.running[-1])
                 preempted = True
                 if victim is seq:
                     break
             if seq in self.running:
                 scheduled.append((seq, self._step_for(seq, n)))
                 budget -= n
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            cached = self.cached_prefix(seq)
-            hashes = seq.hasher.hashes if cached else []
-            n = min(seq.num_tokens - cached, budget)
-            if not self.blocks.can_admit(hashes, cached, cached + n):
-                break
-            self.waiting.popleft()
-            self.running.append(seq)
+        while not preempted and (admit := self._admissible(budget)):
+            seq, cached, hashes, n = admit
+            self.running.append(self.waiting.popleft())
             self.blocks.take_prefix(seq.seq_id, hashes, cached)
             seq.num_computed = cached
             if self._uses_cache(seq):
@@ -242,6 +239,15 @@ class Scheduler:
             scheduled.append((seq, self._step_for(seq, n)))
             budget -= n
         return scheduled
+
+    def _admissible(self, budget: int) -> tuple[Sequence, int, list, int] | None:
+        """(first waiting sequence, cached prefix tokens, their block hashes, tokens to run) if it can start now."""
+        if not self.waiting or budget <= 0 or len(self.running) >= self.max_num_seqs:
+            return None
+        seq = self.waiting[0]
+        hashes = seq.hasher.hashes if (cached := self.cached_prefix(seq)) else []
+        n = min(seq.num_tokens - cached, budget)
+        return (seq, cached, hashes, n) if self.blocks.can_admit(hashes, cached, cached + n) else None
 
     def _uses_cache(self, seq: Sequence) -> bool:  # prompt logprobs need every position's logits: no reuse
         return self.blocks.enable_caching and not seq.params.prompt_logprobs

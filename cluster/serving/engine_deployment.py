@@ -41,7 +41,7 @@ class Engine:
     def __init__(self, config: ServeConfig):
         config.check_checkpoint()
         self.engine = AsyncEngine(config.engine_config())
-        self.hub = StreamHub(self.engine)
+        self.hub = StreamHub(self.engine, stream_interval=config.stream_interval)
 
     async def submit(self, prompt: Prompt, params: SamplingParams, request_id: str, ingress_id: str):
         """A request whose outputs go through `ingress_id`'s channel: yields `Attached` (or `Rejected`)."""

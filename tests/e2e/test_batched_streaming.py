@@ -125,3 +125,19 @@ def _engine_replicas() -> int:
 
     status = serve.status().applications[APP_NAME]
     return status.deployments["Engine"].replica_states.get("RUNNING", 0) if status.status == "RUNNING" else 0
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups_with_the_same_text(server):
+    """stream_interval 3 (redeployed with one Engine replica): SSE events of 1, 3, 3, 3 tokens, text and
+    logprobs alike, and the text of the same request without streaming."""
+    config, _ = server
+    plain = OpenAI(base_url=f"http://127.0.0.1:{config.http_port}/v1", api_key="x", max_retries=0)
+    request = dict(model=MODEL, prompt="3 little llamas", max_tokens=10, temperature=0, logprobs=1, timeout=120,
+                   extra_body={"ignore_eos": True})
+    expected = plain.completions.create(**request).choices[0]
+    start_serve(config.model_copy(update={"stream_interval": 3}))
+    _wait_until(lambda: _engine_replicas() == 1, 300, "the redeployed Engine replica did not start")
+    chunks = [c.choices[0] for c in plain.completions.create(stream=True, **request) if c.choices]
+    assert [len(c.logprobs.tokens) for c in chunks] == [1, 3, 3, 3]
+    assert "".join(c.text for c in chunks) == expected.text and chunks[-1].finish_reason == "length"
+    assert [t for c in chunks for t in c.logprobs.tokens] == expected.logprobs.tokens

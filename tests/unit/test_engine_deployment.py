@@ -198,6 +198,9 @@ class FakeStream:
         self.notify, self.pending, self.started, self.released = notify, [], False, None
         self.arrival, self.wake = time.monotonic(), asyncio.Event()
 
+    finished = property(lambda self: any(o.finished for o in self.pending))
+    num_unsent = property(lambda self: sum(len(o.token_ids) for o in self.pending))
+
 
 class FakeAsyncEngine:
     """The AsyncEngine surface StreamHub uses: add / take / release, and core.failure / check_alive."""
@@ -216,8 +219,8 @@ class FakeAsyncEngine:
     def take(self, stream):
         if not stream.pending:
             return None
-        stream.started, out = True, stream.pending.pop(0)
-        return out
+        stream.started, pending, stream.pending = True, stream.pending, []
+        return merge(pending)  # AsyncEngine.take hands out everything new in one delta
 
     def release(self, stream, status="abort"):
         stream.released = status
@@ -272,5 +275,22 @@ def test_stream_hub_batches_one_ingress_requests_and_aborts_a_closed_lifetime():
             await asyncio.wait_for(anext(alone), 5)
         with pytest.raises(ValueError, match="prompt is bad"):
             await anext(hub.submit("bad", None, "d", "ing"))
+
+    asyncio.run(run())
+
+
+def test_stream_interval_sends_the_first_token_at_once_then_groups_and_the_last_at_once():
+    async def run():
+        engine = FakeAsyncEngine()
+        hub = StreamHub(engine, linger_s=0.05, stream_interval=3)
+        channel, lifetime, sent = hub.channel("ing"), hub.submit("p", None, "a", "ing"), []
+        await anext(channel)
+        assert await anext(lifetime) == Attached(hub.replica_id, True)
+        for step, ids in enumerate([[5], [6], [7], [8], [9], [10]]):
+            engine.emit("a", ids, finished=step == 5)
+            if step in (0, 3, 5):  # the first token, then 6 7 8 once three are unsent, then the last at once
+                sent.append([(o.token_ids, o.finished) for o in await asyncio.wait_for(anext(channel), 5)])
+        assert sent == [[([5], False)], [([6, 7, 8], False)], [([9, 10], True)]]
+        assert hub.stats()["messages"] == 3
 
     asyncio.run(run())

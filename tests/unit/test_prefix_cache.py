@@ -104,16 +104,18 @@ def test_second_request_starts_after_the_shared_prefix_and_shares_its_blocks():
     sched.add(a)
     _run(sched, sched.schedule())
     sched.add(b)
-    steps = sched.schedule()
-    assert [(s.seq_id, s.start_pos, len(s.token_ids)) for _, s in steps] == [(0, 15, 1), (1, 12, 4)]
-    (_, step_a), (_, step_b) = steps
+    steps = sched.schedule()  # b's prefill alone: a decodes in the next step
+    assert [(s.seq_id, s.start_pos, len(s.token_ids)) for _, s in steps] == [(1, 12, 4)]
+    [(_, step_b)] = steps
+    _run(sched, steps)
+    (_, step_a), _ = sched.schedule()
+    assert step_a.start_pos == 15
     assert step_b.full_blocks[:3] == step_a.full_blocks[:3]  # shared, not copied
     assert step_b.chunk_read_blocks == step_a.chunk_read_blocks[:1]  # chunk [8, 16): its block [8, 12)
     assert sched.prefix_cache_queries == 15 + 16 and sched.prefix_cache_hits == 12
     assert bm.full_pool.ref_count[step_a.full_blocks[0]] == 2
     sched.abort(0)
     assert bm.full_pool.ref_count[step_a.full_blocks[0]] == 1
-    _run(sched, steps[1:])
     sched.abort(1)
     assert bm.usage() == {"full": 0.0, "chunk": 0.0} and bm.cached_prefix(_hashes(bm, prefix + [60]), 15) == 12
 
@@ -143,8 +145,8 @@ def test_preemption_under_a_tight_budget_keeps_the_cache_consistent():
     sched.add(a)
     _run(sched, sched.schedule())
     sched.add(b)
-    steps = sched.schedule()  # b shares a's two prefix blocks: 3 + 1 blocks in use
-    assert [(s.seq_id, s.start_pos) for _, s in steps] == [(0, 10), (1, 8)]
+    steps = sched.schedule()  # b (alone: a decodes next) shares a's two prefix blocks: 3 + 1 blocks in use
+    assert [(s.seq_id, s.start_pos) for _, s in steps] == [(1, 8)]
     for _ in range(100):
         if not sched.has_work():
             break

@@ -129,3 +129,36 @@ def test_multi_step_decode_limit_and_block_growth():
     big.add(_seq(4, 3, max_tokens=30))
     _run(big, big.schedule())
     assert big.decode_steps_limit(big.schedule(), 8) == 1  # 4 steps each need 2 full blocks, 1 free
+
+
+def test_a_step_prefills_or_decodes_not_both():
+    sched = Scheduler(BlockManager(100, 100, 4, 8), max_num_seqs=2, max_num_batched_tokens=100)
+    a, b, c = _seq(0, 5, max_tokens=8), _seq(1, 6, max_tokens=8), _seq(2, 3, max_tokens=8)
+    sched.add(a)
+    _run(sched, sched.schedule())
+    sched.add(b)
+    steps = sched.schedule()  # b's prompt runs alone; a (decoding) waits one step
+    assert [(s.seq_id, s.start_pos) for _, s in steps] == [(1, 0)]
+    _run(sched, steps)
+    sched.add(c)  # max_num_seqs 2: c cannot be admitted, so both decode
+    assert [(s.seq_id, s.start_pos) for _, s in sched.schedule()] == [(0, 5), (1, 6)]
+
+
+def test_a_prompt_that_needs_a_decoding_sequence_blocks_lets_it_decode():
+    """4 blocks: a (decoding) holds 2; b's prompt could only finish by preempting: a decodes, b is preempted."""
+    sched = Scheduler(BlockManager(4, 100, 4, None), max_num_seqs=4, max_num_batched_tokens=4)
+    a, b = _seq(0, 8, max_tokens=6), _seq(1, 12, max_tokens=2)
+    sched.add(a)
+    for _ in range(2):
+        _run(sched, sched.schedule())
+    sched.add(b)
+    for _ in range(100):
+        if not sched.has_work():
+            break
+        steps = sched.schedule()
+        assert steps, "a step with nothing to run while sequences wait"
+        _run(sched, steps)
+        for seq in (a, b):
+            if len(seq.output_ids) >= seq.params.max_tokens and seq.finish_reason is None:
+                sched.finish(seq, "length")
+    assert not sched.has_work() and b.num_preemptions > 0

@@ -96,6 +96,8 @@ applications:
 
 {{/* Env, volumes and mounts shared by the head and worker containers. */}}
 {{- define "llama4serve.env" -}}
+- name: RAY_SERVE_PROXY_USE_GRPC  # Serve's proxies reach the Ingress over gRPC (cluster/serving/serve_env.py)
+  value: "1"
 {{- if include "llama4serve.hasApiKey" . }}
 - name: LLAMA4SERVE_API_KEY
   valueFrom:
