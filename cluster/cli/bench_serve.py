@@ -7,7 +7,8 @@ token-id prompts of `--input-len` tokens, `--output-len` new tokens, `ignore_eos
 TTFT and ITL p50/p99 (ITL: gaps between a stream's chunks), the served/offline ratio, one prompt's prefill time,
 and where the Engine replica's loop spent each step (from `Engine.stream_stats`). Last, the TTFT of 8 new
 requests sent one after another while streams - 1 others decode: the admission latency the issue's TTFT target
-is about, apart from a burst's own queue of prefills. Both sides first run each workload's burst once untimed (an
+is about, apart from a burst's own queue of prefills. One prompt's prefill and the probes use prompts no engine
+has seen (a repeated prompt is a prefix-cache hit: the workloads' prompts are, after the warm-up). Both sides first run each workload's burst once untimed (an
 actor's first large prefill costs far more than later ones). `--serve-option FIELD=VALUE` sets a ServeConfig field
 of the server, e.g. `stream_interval=2`; the offline side is unchanged by it.
 """
@@ -229,7 +230,8 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
         for prompts in workloads.values():  # warm-up: each side's first burst of prefills pays for its memory
             asyncio.run(drive(config.http_port, name, prompts, 4))
             offline.batch_prefill_s(prompts)
-        prefill = offline.prefill_s(warm[:3])
+        # Prompts neither engine has seen: a repeated one would be a prefix-cache hit, not a prefill.
+        prefill = offline.prefill_s(random_prompts(3, len(warm[0]), 1000, seed=-1))
         for _ in range(trials):
             for n, prompts in workloads.items():
                 before, cpu = engine.stream_stats.remote().result(timeout_s=60), cpu_by_role()
@@ -238,8 +240,9 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
                 run.stats = _stats_delta(engine.stream_stats.remote().result(timeout_s=60), before)
                 run.batch_prefill_s = offline.batch_prefill_s(prompts)
                 results[n].append((run, offline.tokens_per_s(prompts)))
-        probes = random_prompts(8, len(warm[0]), 1000, seed=-1)
-        loaded = {n: asyncio.run(ttft_under_load(config.http_port, name, prompts[1:], probes, 4 * output_len))
+        loaded = {n: asyncio.run(ttft_under_load(config.http_port, name, prompts[1:],
+                                                 random_prompts(8, len(warm[0]), 1000, seed=-2 - n),
+                                                 4 * output_len))
                   for n, prompts in workloads.items()}
     finally:
         if offline is not None:
