@@ -7,10 +7,10 @@ token-id prompts of `--input-len` tokens, `--output-len` new tokens, `ignore_eos
 TTFT and ITL p50/p99 (ITL: gaps between a stream's chunks), the served/offline ratio, one prompt's prefill time,
 and where the Engine replica's loop spent each step (from `Engine.stream_stats`). Last, the TTFT of 8 new
 requests sent one after another while streams - 1 others decode: the admission latency the issue's TTFT target
-is about, apart from a burst's own queue of prefills. One prompt's prefill and the probes use prompts no engine
-has seen (a repeated prompt is a prefix-cache hit: the workloads' prompts are, after the warm-up). Both sides first run each workload's burst once untimed (an
-actor's first large prefill costs far more than later ones). `--serve-option FIELD=VALUE` sets a ServeConfig field
-of the server, e.g. `stream_interval=2`; the offline side is unchanged by it.
+is about, apart from a burst's own queue of prefills; it and one prompt's prefill use prompts no engine has seen
+(a seen one is a prefix-cache hit). Both sides first run each burst once untimed (an actor's first large prefill
+costs far more than later ones). `--serve-option FIELD=VALUE` sets a ServeConfig field of the server, e.g.
+`stream_interval=2`; the offline side is unchanged by it.
 """
 
 from __future__ import annotations
@@ -240,9 +240,8 @@ def run_suite(model_dir: Path, dtype: str, workloads: dict[int, list[list[int]]]
                 run.stats = _stats_delta(engine.stream_stats.remote().result(timeout_s=60), before)
                 run.batch_prefill_s = offline.batch_prefill_s(prompts)
                 results[n].append((run, offline.tokens_per_s(prompts)))
-        loaded = {n: asyncio.run(ttft_under_load(config.http_port, name, prompts[1:],
-                                                 random_prompts(8, len(warm[0]), 1000, seed=-2 - n),
-                                                 4 * output_len))
+        probes = {n: random_prompts(8, len(warm[0]), 1000, seed=-2 - n) for n in workloads}  # unseen, per n
+        loaded = {n: asyncio.run(ttft_under_load(config.http_port, name, prompts[1:], probes[n], 4 * output_len))
                   for n, prompts in workloads.items()}
     finally:
         if offline is not None:
