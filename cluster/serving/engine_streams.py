@@ -102,7 +102,7 @@ class StreamHub:
                     box.mark(request_id, stream)
                     yield Switched()
                     break
-                out = self._wire(stream) if self._due(stream) else None
+                out = self._wire(stream)
                 if out is not None:
                     yield out
                     if out.finished:
@@ -118,14 +118,12 @@ class StreamHub:
             self.engine.release(stream, status)
             self._drop_if_unused(ingress_id, box)
 
-    def _due(self, stream) -> bool:
-        """Whether the stream's delta goes out now: its first, its last, or `stream_interval` new tokens."""
-        return (self.stream_interval == 1 or not stream.started or stream.finished
-                or stream.num_unsent >= self.stream_interval)
-
     def _wire(self, stream) -> RequestOutput | None:
-        """The stream's next delta as sent (AsyncEngine.take, prompt ids only in the first)."""
+        """The stream's next delta as sent (AsyncEngine.take, prompt ids only in the first), or None while it
+        is not due: a delta goes out with the first token, the last, or `stream_interval` new tokens."""
         first = not stream.started
+        if not (self.stream_interval == 1 or first or stream.finished or stream.num_unsent >= self.stream_interval):
+            return None
         out = self.engine.take(stream)
         if out is None:
             return None
@@ -174,7 +172,7 @@ class StreamHub:
         dirty, box.dirty = box.dirty, {}
         batch = []
         for stream in dirty.values():
-            out = self._wire(stream) if self._due(stream) else None  # one not due is marked again next step
+            out = self._wire(stream)  # one not due is marked again when its next token comes
             if out is None:
                 continue
             batch.append(out)
