@@ -25,7 +25,8 @@ MODEL = "tiny-maverick"
 KEY = "errors-key"
 AUTH = [("authorization", f"Bearer {KEY}")]
 TIMEOUT_S = 8.0  # request_timeout_s: ordinary requests here take well under a second
-LONG = 2000  # tokens: at this machine's speed, far longer than TIMEOUT_S
+MAX_MODEL_LEN = 8192
+LONG = 8000  # tokens: two at once take 52 s on this 2-core machine (2000 took 9.6 s: too close to TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def server(ray_session, tmp_path_factory):
 
     model = write_checkpoint(tmp_path_factory.mktemp("serve-errors") / MODEL, MODEL)
     config = ServeConfig(model=str(model), dtype="float32", api_key=KEY, http_port=free_port(), grpc_port=free_port(),
-                         max_model_len=2048, max_queued_requests=2, request_timeout_s=TIMEOUT_S,
+                         max_model_len=MAX_MODEL_LEN, max_queued_requests=2, request_timeout_s=TIMEOUT_S,
                          collective_timeout_s=30, max_actor_restarts=0)  # a killed actor takes it down
     start_serve(config)
     yield config
@@ -70,7 +71,7 @@ LIMITS = [  # (HTTP path, JSON fields, the same over gRPC, the message both send
     ("/v1/completions", {"temperature": 100}, pb.GenerateRequest(text="x", temperature=100), "temperature is 100"),
     ("/v1/completions", {"top_p": 1.5}, pb.GenerateRequest(text="x", top_p=1.5), "top_p is 1.5; allowed (0, 1]"),
     ("/v1/completions", {"max_tokens": 2**31 - 1}, pb.GenerateRequest(text="x", max_tokens=2**31 - 1),
-     "max_tokens is 2147483647; this deployment accepts at most 2048 (max_model_len, prompt included)"),
+     "max_tokens is 2147483647; this deployment accepts at most 8192 (max_model_len, prompt included)"),
     ("/v1/completions", {"stop": ["s"] * 1000}, pb.GenerateRequest(text="x", stop=["s"] * 1000),
      "stop has 1000 strings; at most 16 are allowed"),
     ("/v1/completions", {"logprobs": 21}, pb.GenerateRequest(text="x", logprobs=21), "logprobs is 21"),
