@@ -163,7 +163,16 @@ class AttentionActor:
         return {"expert_tokens": self.expert_load.take(), "all_to_all_seconds": seconds}
 
     def step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
-        """The step's outputs, one per sequence; with batch.num_steps > 1 one such list per decode step."""
+        """The step's outputs, one per sequence; with batch.num_steps > 1 one such list per decode step. An
+        error aborts the group's exchange first: the expert ranks' loops, waiting for this rank, raise too."""
+        try:
+            return self._step(batch)
+        except BaseException:
+            if self.router is not None:
+                self.router.exchange.abort()
+            raise
+
+    def _step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
         if not batch.seqs:
             if self.router is not None:
                 for _ in range(batch.num_steps):

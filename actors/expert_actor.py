@@ -1,9 +1,12 @@
 """ExpertShardActor: a Ray actor holding experts [e0, e1) of every MoE layer, read straight from the safetensors
-slices it owns. Each step it serves every MoE layer's dispatch/compute/combine in layer order."""
+slices it owns. Each step it serves every MoE layer's dispatch/compute/combine in layer order: called once per
+step (`run_step`) over the collective, or, over shared memory, in a standing loop (`serve`) that the transport
+tells each layer's rows."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -14,7 +17,8 @@ from llama4serve.actors.model.experts import LocalExperts
 from llama4serve.actors.model.resident import tensor_bytes
 from llama4serve.actors.parallel.exchange import CollectiveExchange
 from llama4serve.actors.parallel.process_group import join, make_exchange
-from llama4serve.actors.parallel.router import ExpertLayout, serve_moe_layer
+from llama4serve.actors.parallel.router import ExpertLayout, header_rows, serve_moe_layer
+from llama4serve.actors.parallel.shm_transport import Stopped
 
 
 class ExpertShardActor:
@@ -38,6 +42,7 @@ class ExpertShardActor:
         self.layout: ExpertLayout | None = None
         self.exchange: CollectiveExchange | None = None  # the router's transport, set by join_group
         self.rows_served = 0
+        self.serving = threading.Lock()  # held by the standing loop (`serve`)
 
     def ready(self) -> dict:
         import ray
@@ -51,10 +56,41 @@ class ExpertShardActor:
 
     def join_group(self, master: tuple[str, int], rank: int, world_size: int, first_expert_rank: int, timeout_s: float,
                    transport: str = "collective") -> str:
+        if self.exchange is not None and self.exchange.standing:  # a loop of the old group still waiting
+            self.exchange.stop()
+            if not self.serving.acquire(timeout=timeout_s):
+                raise TimeoutError(f"the expert loop of the old group did not stop within {timeout_s:.0f} s")
+            self.serving.release()
         backend = join(master, rank, world_size, timeout_s, self.device)
         self.layout = ExpertLayout(self.bounds, first_expert_rank, world_size, self.device)
         self.exchange = make_exchange(transport, rank, world_size, first_expert_rank, timeout_s, self.device)
         return backend
+
+    def standing(self) -> bool:
+        """True when the transport feeds a standing loop (`serve`, started once per group) in place of
+        `run_step` calls."""
+        return self.exchange.standing
+
+    def serve(self) -> int:
+        """The standing loop: serves each MoE layer as its dispatch comes in, layer after layer and step after
+        step, with no call per step. Returns the rows it served once `join_group` stops it; raises (after
+        aborting the group, so no peer waits for it) on an error, a peer's death or abort, or a timeout."""
+        ex, layers, h = self.exchange, self.cfg.moe_layers, self.cfg.hidden_size
+        head, start, i = header_rows(self.layout, h, self.dtype), self.rows_served, 0
+        with self.serving:
+            try:
+                while True:
+                    rows, layer = ex.await_dispatch(idle=i == 0)  # a step's first MoE layer comes when it comes
+                    if layer != layers[i]:
+                        raise RuntimeError(f"expert rank {self.shard}: MoE layer {layer} dispatched, {layers[i]} due")
+                    self.rows_served += int(serve_moe_layer(self.layout, self.experts, layer, h, self.dtype,
+                                                            rows - head, self.device, ex))
+                    i = (i + 1) % len(layers)
+            except Stopped:
+                return self.rows_served - start
+            except BaseException:
+                ex.abort()
+                raise
 
     def run_step(self, capacity: int, num_steps: int = 1) -> int:
         """Serves one engine step (num_steps decode steps with multi-step scheduling): every MoE layer once per

@@ -498,6 +498,45 @@ void decode_layer_f32(const DecodeLayer *L, const DecodeDims *d, int64_t n, floa
 }
 
 /* ------------------------------------------------------------------------------------------------------------
+ * serve_blocks_f32: an expert rank's side of one MoE layer, float32 on the CPU (`LocalExperts.serve_blocks`).
+ * num_blocks dispatch blocks, block a at in + a * in_stride floats, as pack_dispatch_f32 writes them: head rows
+ * whose first bytes are the int32 counts of the max_local local experts, then capacity rows of h sorted by local
+ * expert. Each counted row goes through its expert's SwiGLU (gate_up[m], down[m]: local expert m's panels) into
+ * the same row of reply block a, at out + a * out_stride floats; the rows after the counted ones are left as
+ * they are (nobody reads them). scratch: capacity * 2 * inter floats. Returns the rows served, or -1 (nothing
+ * written) when a block's counts exceed its capacity.
+ * ---------------------------------------------------------------------------------------------------------- */
+int64_t serve_blocks_f32(const float *in, int64_t in_stride, float *out, int64_t out_stride, int64_t num_blocks,
+                         int64_t head, int64_t capacity, int64_t h, int64_t max_local, const Panels *const *gate_up,
+                         const Panels *const *down, int64_t inter, float *scratch) {
+    int64_t served = 0;
+    for (int64_t a = 0; a < num_blocks; a++) {
+        int64_t rows = 0;
+        for (int64_t m = 0; m < max_local; m++) {
+            int32_t c;
+            memcpy(&c, (const char *)(in + a * in_stride) + 4 * m, 4);
+            if (c < 0) return -1;
+            rows += c;
+        }
+        if (rows > capacity) return -1;
+    }
+    for (int64_t a = 0; a < num_blocks; a++) {
+        const float *block = in + a * in_stride;
+        int64_t row = 0;
+        for (int64_t m = 0; m < max_local; m++) {
+            int32_t c;
+            memcpy(&c, (const char *)block + 4 * m, 4);
+            if (c)
+                swiglu_f32(block + (head + row) * h, gate_up[m], down[m], scratch, out + a * out_stride + row * h, c,
+                           h, inter);
+            row += c;
+        }
+        served += row;
+    }
+    return served;
+}
+
+/* ------------------------------------------------------------------------------------------------------------
  * pack_dispatch_f32: what `Router.start` sends, for float32 rows on the CPU. x [n, h] rows with their global
  * expert ids [n]; expert e lives on expert rank rank_of[e] (0 .. num_ranks - 1) as its local expert local_of[e]
  * (< max_local). Writes blocks [num_ranks, head + capacity, h]: block j is head rows holding the int32 counts of

@@ -94,9 +94,10 @@ def cpu_kernels() -> ctypes.CDLL | None:
             "decode_layer_f32": [ptr, ptr, i64, ptr, ptr, ptr, ptr],
             "decode_scratch_floats": [ptr, i64, i64, i64, i64],
             "pack_dispatch_f32": [ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr],
+            "serve_blocks_f32": [ptr, i64, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
-        lib.decode_scratch_floats.restype = i64
+        lib.decode_scratch_floats.restype = lib.serve_blocks_f32.restype = i64
     return lib

@@ -7,12 +7,13 @@ import torch
 
 from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import grouped_swiglu_mm
-from llama4serve.kernels.linear import unpack_weight
+from llama4serve.kernels.linear import PanelWeight, unpack_weight
 from llama4serve.kernels.quant import QuantizedWeight
 from llama4serve.kernels.moe import grouped_swiglu, swiglu
 from llama4serve.actors.model.checkpoint import TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
 from llama4serve.actors.model.quantized import load_quant_format, read_experts
+from llama4serve.actors.parallel.router import decode_counts
 
 
 def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:
@@ -51,6 +52,7 @@ class LocalExperts:
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.packed_gate_up: dict[int, list[torch.Tensor]] = {}
         self.packed_down: dict[int, list[torch.Tensor]] = {}
+        self._panel_ptrs: dict[int, tuple] = {}  # per MoE layer: the Panels addresses (gate_up, down) or ()
         quant = load_quant_format(reader.model_dir)
         for layer in cfg.moe_layers:
             name = f"{TEXT_PREFIX}layers.{layer}.feed_forward.experts"
@@ -99,19 +101,35 @@ class LocalExperts:
             return out
         return grouped_swiglu(x, expert_ids, self.packed_gate_up[layer], self.packed_down[layer], self.first_expert)
 
-    def serve_blocks(self, layer: int, blocks: torch.Tensor, counts: list[list[int]]) -> torch.Tensor:
-        """CPU fast path of an expert rank: blocks [A, C, H] whose rows come sorted by local expert, counts[a][m]
-        rows of local expert m in block a -> [A, C, H], each row through its expert, zeros after the counted
-        rows. One SwiGLU per (block, expert) with rows, on contiguous row ranges: no sort, no gather."""
-        out = torch.zeros_like(blocks)
+    def serve_blocks(self, layer: int, blocks: torch.Tensor, head: int, out: torch.Tensor) -> int:
+        """CPU fast path of an expert rank: dispatch blocks [A, head + C, H] (`Router._pack`: head rows with the
+        int32 counts of each local expert's rows, then the rows sorted by local expert) -> each counted row
+        through its expert into the same row of out [A, C, H] (the rows after them are left as they are, nobody
+        reads them); the rows served. One SwiGLU per (block, expert) with rows, on contiguous row ranges: no sort,
+        no gather; in one native call where every weight is in panels."""
         gate_up, down = self.packed_gate_up[layer], self.packed_down[layer]
-        for a, block_counts in enumerate(counts):
+        if (ptrs := self._panel_ptrs.get(layer)) is None:
+            panels = all(isinstance(w, PanelWeight) for w in gate_up + down)
+            ptrs = self._panel_ptrs[layer] = tuple(torch.tensor([w.ptr for w in ws], dtype=torch.long)
+                                                   for ws in (gate_up, down)) if panels else ()
+        a, capacity, h = out.shape
+        if ptrs and blocks.stride(1) == out.stride(1) == h and blocks.stride(2) == out.stride(2) == 1:
+            inter = gate_up[0].shape[1] // 2
+            scratch = torch.empty(capacity * 2 * inter)
+            served = native.cpu_kernels().serve_blocks_f32(
+                blocks.data_ptr(), blocks.stride(0), out.data_ptr(), out.stride(0), a, head, capacity, h,
+                len(gate_up), ptrs[0].data_ptr(), ptrs[1].data_ptr(), inter, scratch.data_ptr())
+            if served < 0:
+                raise ValueError(f"MoE layer {layer}: a dispatch block counts more rows than its capacity {capacity}")
+            return served
+        counts = decode_counts(blocks[:, :head], len(gate_up)).tolist()  # [A][M]
+        for i, block_counts in enumerate(counts):
             row = 0
             for m, n in enumerate(block_counts):
                 if n:
-                    out[a, row : row + n] = swiglu(blocks[a, row : row + n], gate_up[m], down[m])
+                    out[i, row : row + n] = swiglu(blocks[i, head + row : head + row + n], gate_up[m], down[m])
                 row += n
-        return out
+        return sum(map(sum, counts))
 
     def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):
         """The routed-experts protocol of the model (see `Router.start`): here the work is done at once."""

@@ -21,6 +21,7 @@ class CollectiveExchange:
     """The exchange as two `all_to_all_single` per MoE layer over the default process group."""
 
     name = "collective"
+    standing = False  # True: expert ranks serve in a standing loop, told each layer by the transport itself
 
     def __init__(self, first_expert_rank: int, world_size: int):
         self.first_expert_rank = first_expert_rank
@@ -30,8 +31,8 @@ class CollectiveExchange:
         first = self.first_expert_rank
         return [attention_rows] * first + [expert_rows] * (self.world_size - first)
 
-    def dispatch(self, blocks: torch.Tensor) -> None:
-        """Attention side: blocks [R, B, H], one per expert rank; returns once sent."""
+    def dispatch(self, blocks: torch.Tensor, layer: int = -1) -> None:
+        """Attention side: blocks [R, B, H], one per expert rank, of MoE layer `layer`; returns once sent."""
         h = blocks.shape[-1]
         zeros = [0] * self.world_size
         dist.all_to_all_single(blocks.new_empty(0, h), blocks.reshape(-1, h), zeros, self._splits(0, blocks.shape[1]))
@@ -51,11 +52,18 @@ class CollectiveExchange:
         dist.all_to_all_single(recv, empty, self._splits(rows, 0), [0] * self.world_size)
         return recv.view(first, rows, hidden_size)
 
+    def reply_buffer(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """Expert side: where to write this layer's reply blocks [A, rows, H] (`reply` then sends them)."""
+        return torch.empty(self.first_expert_rank, rows, hidden_size, dtype=dtype, device=device)
+
     def reply(self, blocks: torch.Tensor) -> None:
         """Expert side: blocks [A, C, H], one per attention rank."""
         h = blocks.shape[-1]
         zeros = [0] * self.world_size
         dist.all_to_all_single(blocks.new_empty(0, h), blocks.reshape(-1, h), zeros, self._splits(blocks.shape[1], 0))
+
+    def abort(self) -> None:
+        """After an error on this rank: the peers' waits raise at once (the collective's own timeout does it)."""
 
     def close(self) -> None:
         pass

@@ -42,7 +42,7 @@ class ExchangeProbe:
         dt = getattr(torch, dtype)
         ex, world = self.exchange, self.exchange.world_size
         blocks = torch.randn(world - self.first, block_rows, hidden_size).to(dt)  # [R, B, H]
-        waits, seq = getattr(ex, "waits", 0), getattr(ex, "seq", 0)
+        waits, shm = getattr(ex, "waits", 0), getattr(ex, "shm_exchanges", 0)
         t0 = time.perf_counter()
         for _ in range(exchanges):
             if self.rank < self.first:
@@ -54,7 +54,7 @@ class ExchangeProbe:
                 ex.reply(recv[:, block_rows - capacity:].clone())  # the capacity rows, back whole
         seconds = (time.perf_counter() - t0) / max(exchanges, 1)
         return {"seconds": seconds, "waits": getattr(ex, "waits", 0) - waits,
-                "shm_exchanges": (getattr(ex, "seq", 0) - seq) & 0x7FFFFFFF}
+                "shm_exchanges": getattr(ex, "shm_exchanges", 0) - shm}
 
     def dispatch_then_combine(self, block_rows: int, capacity: int, hidden_size: int) -> None:
         """One attention-side exchange, for failure tests (waits for every expert rank's reply)."""

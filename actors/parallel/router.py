@@ -16,15 +16,17 @@ C capacity (rows per block).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist  # noqa: F401 - the fake-CUDA tests patch router.dist.all_to_all_single
 
 from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import expert_ids_from_counts
-from llama4serve.actors.model.experts import LocalExperts
 from llama4serve.actors.parallel.exchange import CollectiveExchange
+
+if TYPE_CHECKING:
+    from llama4serve.actors.model.experts import LocalExperts
 
 
 class ExpertLayout:
@@ -113,7 +115,7 @@ class Router:
         buf, slot = (self._pack_native if native_path else self._pack)(x, expert_ids, capacity)
         # Dispatch returns once the rows are sent; the torch layer path computes the shared expert while the
         # expert ranks work, then `finish` collects the combine.
-        self.exchange.dispatch(buf)
+        self.exchange.dispatch(buf, layer)
         self.exchange_seconds += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
@@ -165,7 +167,7 @@ class Router:
             self.start(layer, empty_x, empty_ids, capacity)()
 
 
-def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hidden_size: int, dtype,
+def serve_moe_layer(layout: ExpertLayout, experts: "LocalExperts", layer: int, hidden_size: int, dtype,
                     capacity: int, device: torch.device | str = "cpu",
                     exchange: CollectiveExchange | None = None) -> torch.Tensor:
     """An expert rank's side of one MoE layer: receive each attention rank's block, run the grouped SwiGLU over
@@ -176,9 +178,10 @@ def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hid
     first, head = layout.first_expert_rank, header_rows(layout, hidden_size, dtype)
     recv = exchange.receive(head + capacity, hidden_size, dtype, device)  # [A, B, H]
     if not experts.portable:
-        counts = decode_counts(recv[:, :head], layout.max_local).tolist()  # [A][M]
-        exchange.reply(experts.serve_blocks(layer, recv[:, head:], counts))
-        return sum(map(sum, counts))
+        out = exchange.reply_buffer(capacity, hidden_size, dtype, device)  # [A, C, H]
+        served = experts.serve_blocks(layer, recv, head, out)
+        exchange.reply(out)
+        return served
     counts = decode_counts(recv[:, :head], layout.max_local)  # [A, M]
     # Within each source's block, rows are sorted by local expert: their expert ids follow from the counts.
     expert_ids = expert_ids_from_counts(counts, capacity, experts.first_expert)  # [A * C], -1 for padding

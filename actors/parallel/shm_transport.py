@@ -7,11 +7,15 @@ writes its reply to slot (a, j) of the combine region and bumps its own counter.
 its reader is done: an attention rank dispatches again only after every reply of the last layer came in, and an
 expert rank replies again only after the next dispatch, so one counter per rank is all the synchronization.
 The counters are plain aligned int32 stores after the data's stores; x86's total store order keeps them in that
-order (on other CPUs `make_exchange` keeps the collective).
+order (on other CPUs `make_exchange` keeps the collective). Next to its counter an attention rank announces each
+dispatch's block rows and MoE layer, so an expert rank needs no call per step to know them: it serves in a
+standing loop (`ExpertShardActor.serve`), and every dispatch rings the doorbell, also one that goes over the
+collective.
 
 Waits spin for `spin_s` (0 by default: with more processes than cores a spinning waiter takes the core its
 peer needs) and then sleep in futex_wait, in slices of `POLL_S`; after each slice every rank's process is
-checked, so a dead peer raises within POLL_S and a stuck one within `timeout_s`. A rank that raises sets the
+checked, so a dead peer raises within POLL_S and a stuck one within `timeout_s` (an expert rank waiting for a
+step's first MoE layer waits for as long as the engine is idle: `idle`). A rank that raises sets the
 abort word and wakes every waiter, which then raises too: no survivor waits on a live rank that gave up. Dispatch
 blocks larger than a slot go over the collective, and so does their reply; every rank sees the same sizes, so
 all of them take the same path.
@@ -33,7 +37,7 @@ import torch
 from llama4serve.actors.parallel.exchange import CollectiveExchange
 
 POLL_S = 0.05  # futex slice between liveness checks of every rank
-COUNTER_STRIDE = 64  # one cache line per rank's counter
+COUNTER_STRIDE = 64  # one cache line per rank: its counter, then (attention ranks) the announced rows and layer
 SYS_FUTEX = {"x86_64": 202}.get(platform.machine())
 FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not PRIVATE): the waiters are other processes
 
@@ -82,10 +86,15 @@ class PeerFailed(RuntimeError):
     pass
 
 
+class Stopped(Exception):
+    """`stop` was called while this rank waited (the group is being re-formed)."""
+
+
 class ShmExchange(CollectiveExchange):
     """The exchange through shared memory; see the module docstring. `pids[r]` is rank r's process."""
 
     name = "shm"
+    standing = True
 
     def __init__(self, path: str, rank: int, first_expert_rank: int, world_size: int, pids: list[int],
                  slot_bytes: int, timeout_s: float, spin_s: float = 0.0):
@@ -106,9 +115,15 @@ class ShmExchange(CollectiveExchange):
         self.mapped = lambda: (raw, views)
         self.counters = [ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE) for i in range(world_size)]
         self.aborted = ctypes.c_int32.from_buffer(self.map, world_size * COUNTER_STRIDE)  # 1 + the aborting rank
+        # What attention rank a announces with each dispatch: (block rows, MoE layer)
+        self.announced = [(ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE + 4),
+                           ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE + 8)) for i in range(a)]
+        self.pending: tuple[int, int] | None = None  # expert side: an awaited dispatch not yet received
+        self.stopping = False
         self.addresses = [ctypes.addressof(c) for c in self.counters]
         self.via_shm = True  # the path of this MoE layer's exchange, chosen by its dispatch block's size
-        self.seq = 0  # exchanges through shared memory so far, the same on every rank
+        self.seq = 0  # exchanges so far, the same on every rank
+        self.shm_exchanges = 0  # those that went through shared memory
         self.waits = 0  # waits that found the peer not yet there (and slept or spun)
 
     def _fits(self, rows: int, h: int, dtype: torch.dtype) -> bool:
@@ -120,7 +135,8 @@ class ShmExchange(CollectiveExchange):
         if (view := views.get(key)) is None:
             size = dtype.itemsize
             slot = self.slot_bytes // size
-            view = raw.view(dtype).as_strided((count, rows, h), (every * slot, h, 1), offset // size)
+            with torch.inference_mode(False):  # a plain view: written to inside inference mode and outside it
+                view = raw.view(dtype).as_strided((count, rows, h), (every * slot, h, 1), offset // size)
             views[key] = view
         return view
 
@@ -128,7 +144,9 @@ class ShmExchange(CollectiveExchange):
         self.counters[self.rank].value = self.seq
         futex_wake(self.addresses[self.rank])
 
-    def _await(self, peer: int) -> None:
+    def _await(self, peer: int, idle: bool = False) -> None:
+        """Waits for `peer`'s counter to reach this exchange; `idle`: for as long as it takes (its process
+        lives and nobody aborts), else at most timeout_s."""
         counter, want = self.counters[peer], self.seq
         if counter.value == want:
             return
@@ -141,7 +159,9 @@ class ShmExchange(CollectiveExchange):
             if (by := self.aborted.value) > 0:
                 raise PeerFailed(f"rank {by - 1} (pid {self.pids[by - 1]}) aborted the group's MoE exchange {want} "
                                  "(a peer died or hung); the engine's recovery re-forms the group")
-            left = start + self.timeout_s - time.monotonic()
+            if self.stopping:
+                raise Stopped()
+            left = POLL_S if idle else start + self.timeout_s - time.monotonic()
             if left <= 0:
                 self._abort(TimeoutError(f"rank {peer} (pid {self.pids[peer]}) did not reach MoE exchange {want} "
                                          f"within {self.timeout_s:.0f} s (collective_timeout_s); stuck or too slow"))
@@ -150,24 +170,38 @@ class ShmExchange(CollectiveExchange):
                 self._abort(PeerFailed(f"rank {dead[0]} (pid {self.pids[dead[0]]}) died during MoE exchange "
                                        f"{want}; the engine's recovery replaces it and re-forms the group"))
 
-    def _abort(self, err: Exception) -> None:
-        """Marks the group failed and wakes every waiter (they raise too, at once), then raises `err`."""
-        self.aborted.value = self.rank + 1
+    def abort(self) -> None:
+        """Marks the group failed and wakes every waiter: they raise, at once."""
+        if not self.aborted.value:
+            self.aborted.value = self.rank + 1
         for address in self.addresses:
             futex_wake(address)
+
+    def _abort(self, err: Exception) -> None:
+        self.abort()
         raise err
+
+    def stop(self) -> None:
+        """From another thread: this rank's wait raises `Stopped` within POLL_S (the group is re-formed)."""
+        self.stopping = True
+        for address in self.addresses:
+            futex_wake(address)
 
     def _next(self) -> None:
         self.seq = (self.seq + 1) & 0x7FFFFFFF
 
-    def dispatch(self, blocks: torch.Tensor) -> None:
+    def dispatch(self, blocks: torch.Tensor, layer: int = -1) -> None:
         num_ranks, rows, h = blocks.shape
         self.via_shm = self._fits(rows, h, blocks.dtype)
-        if not self.via_shm:
+        self._next()
+        words = self.announced[self.rank]
+        words[0].value, words[1].value = rows, layer
+        if not self.via_shm:  # the doorbell announces it; the blocks go over the collective
+            self._post()
             return super().dispatch(blocks)
+        self.shm_exchanges += 1
         a = self.first_expert_rank  # slot (j, a): expert j's slots are consecutive
         self._slots(self.header + self.rank * self.slot_bytes, num_ranks, a, rows, h, blocks.dtype).copy_(blocks)
-        self._next()
         self._post()
 
     def combine(self, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -180,28 +214,49 @@ class ShmExchange(CollectiveExchange):
         offset = self.combine_offset + self.rank * (self.world_size - a) * self.slot_bytes
         return self._slots(offset, self.world_size - a, 1, rows, h, like.dtype)
 
+    def await_dispatch(self, idle: bool = False) -> tuple[int, int]:
+        """Expert side: waits until every attention rank has dispatched the next MoE layer (`idle`: without a
+        timeout, for a step's first); its (block rows, layer) as announced. `receive` then takes the blocks."""
+        self._next()
+        for peer in range(self.first_expert_rank):
+            self._await(peer, idle)
+        rows, layer = self.announced[0]
+        self.pending = rows.value, layer.value
+        return self.pending
+
     def receive(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[A, rows, H], a view of the shared slots, valid until this rank's reply."""
+        if self.pending is None:
+            self.await_dispatch()
+        self.pending = None
         self.via_shm = self._fits(rows, hidden_size, dtype)
         if not self.via_shm:
             return super().receive(rows, hidden_size, dtype, device)
+        self.shm_exchanges += 1
         a, j = self.first_expert_rank, self.rank - self.first_expert_rank
-        self._next()
-        for peer in range(a):
-            self._await(peer)
         return self._slots(self.header + j * a * self.slot_bytes, a, 1, rows, hidden_size, dtype)
 
-    def reply(self, blocks: torch.Tensor) -> None:
-        num_ranks, rows, h = blocks.shape
-        if not self.via_shm:
-            return super().reply(blocks)
+    def _reply_slots(self, rows: int, h: int, dtype: torch.dtype) -> torch.Tensor:
         r, j = self.world_size - self.first_expert_rank, self.rank - self.first_expert_rank
         offset = self.combine_offset + j * self.slot_bytes  # slot (a, j): attention a's slots are consecutive
-        self._slots(offset, num_ranks, r, rows, h, blocks.dtype).copy_(blocks)
+        return self._slots(offset, self.first_expert_rank, r, rows, h, dtype)
+
+    def reply_buffer(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The reply slots themselves, when this layer goes through shared memory: `reply` copies nothing."""
+        if not self.via_shm:
+            return super().reply_buffer(rows, hidden_size, dtype, device)
+        return self._reply_slots(rows, hidden_size, dtype)
+
+    def reply(self, blocks: torch.Tensor) -> None:
+        if not self.via_shm:
+            return super().reply(blocks)
+        slots = self._reply_slots(blocks.shape[1], blocks.shape[2], blocks.dtype)
+        if blocks.data_ptr() != slots.data_ptr():
+            slots.copy_(blocks)
         self._post()
 
     def close(self) -> None:
-        del self.counters, self.aborted, self.mapped
+        del self.counters, self.aborted, self.announced, self.mapped
         try:
             self.map.close()
         except BufferError:  # a view handed out is still alive; the mapping goes with it

@@ -54,6 +54,32 @@ def _outcome(ref):
         return err
 
 
+class _Settling:
+    """`DataPlane.collect`'s bookkeeping: which calls of a step to wait for next, until when, and what came back."""
+
+    def __init__(self, refs: list, loops: list, deadline_s: float):
+        self.refs, self.loops, self.pending, self.deadline_s = refs, set(loops), list(refs), deadline_s
+        self.deadline, self.failed, self.results = time.monotonic() + deadline_s, False, {}
+
+    def waiting(self) -> tuple[list, float] | None:
+        """(the calls to wait for, seconds left), or None when nothing is left to wait for."""
+        refs = self.pending if self.failed else [r for r in self.pending if r not in self.loops]
+        left = self.deadline - time.monotonic()
+        return (refs, left) if refs and left > 0 else None
+
+    def record(self, ref, outcome) -> None:
+        self.pending.remove(ref)
+        self.results[ref] = outcome
+        self.failed = self.failed or isinstance(outcome, Exception) or ref in self.loops  # a loop ends on errors
+        if isinstance(outcome, ray.exceptions.RayTaskError):
+            self.deadline = min(self.deadline, time.monotonic() + HUNG_GRACE_S)
+
+    def outcomes(self) -> list:
+        """In call order: StepLate for a call still running, None for a loop still serving after a good step."""
+        return [self.results[r] if r in self.results else None if r in self.loops and not self.failed
+                else StepLate(self.deadline_s) for r in self.refs]
+
+
 class _LocalRay:
     """The local Ray cluster this process started itself (if any) and how many live instances use it."""
 
@@ -165,6 +191,7 @@ class DataPlane:
         self.backend: str | None = None
         self.bounds: list[tuple[int, int]] | None = None
         self.inflight: InFlight | None = None
+        self.loops: list = []  # the expert actors' standing loops (`ExpertShardActor.serve`), over shared memory
         self._uses_local_ray = start_ray(config)
         try:
             self._start(dtype, block_size, num_full, num_chunk, num_experts)
@@ -184,7 +211,7 @@ class DataPlane:
         names = self.names()
         self.actor_info = dict(zip(names, self.gather([x.ready.remote() for x in self.attention + self.experts])))
         if e:
-            self.backend = self.gather(self.form_group())[0]
+            self.backend = self.start_group()
 
     def spawn(self, name: str):
         """Starts the actor `name` (`attention-i` or `expert-j`) in its own bundle of the placement group; the
@@ -202,7 +229,8 @@ class DataPlane:
         env = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}} if e else None
         options = ray.remote(cls).options(
             name=name, namespace=self.namespace, num_cpus=config.num_cpus_per_actor, num_gpus=placement.num_gpus,
-            max_concurrency=1, scheduling_strategy=placement.strategy(index if role == "attention" else a + index),
+            max_concurrency=1 if role == "attention" else 2,  # an expert's standing loop leaves room for calls
+            scheduling_strategy=placement.strategy(index if role == "attention" else a + index),
             runtime_env=env)
         dtype, num_full, num_chunk, block_size = self._kv_args
         if role == "attention":
@@ -220,6 +248,17 @@ class DataPlane:
         return joins + [x.join_group.remote(master, a + j, a + e, a, timeout, transport)
                         for j, x in enumerate(self.experts)]
 
+    def start_group(self) -> str:
+        """Forms a new process group (`form_group`) and, when its transport needs no call per step (shared
+        memory), starts the expert actors' standing loops; the backend."""
+        backend = self.gather(self.form_group())[0]
+        standing = self.gather([self.experts[0].standing.remote()])[0]
+        self.loops = [x.serve.remote() for x in self.experts] if standing else []
+        return backend
+
+    def _expert_refs(self, capacity: int, num_steps: int) -> list:
+        return self.loops or [x.run_step.remote(capacity, num_steps) for x in self.experts]
+
     def names(self) -> list[str]:
         return ([f"attention-{i}" for i in range(len(self.attention))]
                 + [f"expert-{j}" for j in range(len(self.experts))])
@@ -227,7 +266,7 @@ class DataPlane:
     def launch(self, batches: dict[int, StepBatch], capacity: int, num_steps: int) -> list:
         """Starts one step: `batches` by attention actor; with expert actors every rank takes part."""
         refs = [self.attention[i].step.remote(batch) for i, batch in batches.items()]
-        refs += [x.run_step.remote(capacity, num_steps) for x in self.experts]
+        refs += self._expert_refs(capacity, num_steps)
         names = [f"attention-{i}" for i in batches] + [f"expert-{j}" for j in range(len(self.experts))]
         self.inflight = InFlight(batches, capacity, num_steps, names, refs)
         return refs
@@ -240,7 +279,7 @@ class DataPlane:
         for (i, batch), ref in zip(step.batches.items(), step.refs):
             batches[i] = StepBatch([], step.capacity, [], step.num_steps) if i in replaced else batch
             refs.append(self.attention[i].step.remote(batches[i]) if i in replaced or self.experts else ref)
-        refs += [x.run_step.remote(step.capacity, step.num_steps) for x in self.experts]
+        refs += self._expert_refs(step.capacity, step.num_steps)
         self.inflight = InFlight(batches, step.capacity, step.num_steps, step.names, refs)
         return refs
 
@@ -267,25 +306,25 @@ class DataPlane:
 
     def collect(self, refs: list) -> list:
         """Every call's result or its exception; `StepLate` for one still running at the deadline, or
-        `HUNG_GRACE_S` after another rank's collective failed (that rank waited collective_timeout_s for it)."""
-        outcomes, pending, deadline = {}, list(refs), time.monotonic() + self.deadline_s
-        while pending and (timeout := deadline - time.monotonic()) > 0:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        `HUNG_GRACE_S` after another rank's collective failed (that rank waited collective_timeout_s for it).
+        A standing loop's ref (`loops`) runs on after a good step: it is waited for only once a call failed
+        (every rank's loop then ends, so one still running is hung), and counts as None otherwise."""
+        step = _Settling(refs, self.loops, self.deadline_s)
+        while waiting := step.waiting():
+            ready, _ = ray.wait(waiting[0], num_returns=1, timeout=waiting[1])
             for ref in ready:
-                outcomes[ref] = _outcome(ref)
-                if isinstance(outcomes[ref], ray.exceptions.RayTaskError):
-                    deadline = min(deadline, time.monotonic() + HUNG_GRACE_S)
-        return [outcomes[ref] if ref in outcomes else StepLate(self.deadline_s) for ref in refs]
+                step.record(ref, _outcome(ref))
+        return step.outcomes()
 
     async def collect_async(self, refs: list) -> list:
         """`collect` for asyncio."""
-        futures = [asyncio.wrap_future(ref.future()) for ref in refs]
-        pending, deadline = set(futures), time.monotonic() + self.deadline_s
-        while pending and (timeout := deadline - time.monotonic()) > 0:
-            done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            if any(isinstance(f.exception(), ray.exceptions.RayTaskError) for f in done):
-                deadline = min(deadline, time.monotonic() + HUNG_GRACE_S)
-        return [StepLate(self.deadline_s) if f in pending else (f.exception() or f.result()) for f in futures]
+        step, futures = _Settling(refs, self.loops, self.deadline_s), {r: asyncio.wrap_future(r.future()) for r in refs}
+        while waiting := step.waiting():
+            done, _ = await asyncio.wait([futures[r] for r in waiting[0]], timeout=waiting[1],
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for ref in [r for r in waiting[0] if futures[r] in done]:
+                step.record(ref, futures[ref].exception() or futures[ref].result())
+        return step.outcomes()
 
     def shutdown(self) -> None:
         """Kills the actors and releases their placement group (idempotent)."""

@@ -101,7 +101,7 @@ class Recovery:
                                      f"{_first_line(err)}") from err
         if dp.experts:
             try:
-                dp.gather(dp.form_group())
+                dp.start_group()
             except (DataPlaneError, ray.exceptions.GetTimeoutError) as err:
                 raise DataPlaneError(f"could not re-form the process group after replacing {', '.join(dead)}: "
                                      f"{err}") from err

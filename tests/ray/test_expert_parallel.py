@@ -15,7 +15,9 @@ from llama4serve.actors.model.experts import LocalExperts, expert_split
 from llama4serve.cluster import LLM, SamplingParams
 from llama4serve.cluster.errors import DataPlaneError
 
-TOPOLOGIES = [(1, 0), (1, 1), (1, 2), (2, 3), (3, 2)]  # (attention actors, expert actors)
+# (attention actors, expert actors, transport): on one machine "auto" is shared memory, whose expert actors serve
+# in a standing loop; the collective (gloo all_to_all) gets a call per step
+TOPOLOGIES = [(1, 0, "auto"), (1, 1, "auto"), (1, 2, "auto"), (2, 3, "auto"), (3, 2, "auto"), (2, 2, "collective")]
 NEW_TOKENS = 12
 
 
@@ -37,13 +39,14 @@ def test_outputs_independent_of_topology(ray_session, checkpoint):
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, prompt_logprobs=True)
     expected_tokens = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     expected_lp = [hf_logprobs(hf, p) for p in prompts]
-    for a, e in TOPOLOGIES:
-        with LLM(path, attention_actors=a, expert_actors=e, dtype="float32", block_size=8) as llm:
+    for a, e, transport in TOPOLOGIES:
+        with LLM(path, attention_actors=a, expert_actors=e, dtype="float32", block_size=8,
+                 expert_transport=transport) as llm:
             outs = llm.generate(prompts, params)
             assert all(r.num_assigned >= 1 for r in llm.engine.replicas)  # spread over the attention actors
             assert len(llm.engine.data_plane.experts) == e
         for out, tokens, lp in zip(outs, expected_tokens, expected_lp):
-            assert out.token_ids == tokens, f"{a}x{e}"
+            assert out.token_ids == tokens, f"{a}x{e} {transport}"
             torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), lp, atol=1e-3, rtol=0)
 
 
