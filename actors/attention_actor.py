@@ -59,11 +59,16 @@ class ExpertLoad:
         self.row = {layer: r for r, layer in enumerate(moe_layers)}
         self.counts = torch.zeros(len(moe_layers), num_experts, dtype=torch.long, device=device)  # [MoE layers, E]
 
-    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int):
+    @property
+    def micro_batches(self) -> int:
+        """Ping-pong micro-batches of this step's MoE layers (`Router.micro_batches`; 1 for local experts)."""
+        return getattr(self.routed, "micro_batches", 1)
+
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int, lane: int | None = None):
         if self.counts.device != expert_ids.device:
             self.counts = self.counts.to(expert_ids.device)
         self.counts[self.row[layer]].index_add_(0, expert_ids, torch.ones_like(expert_ids))
-        return self.routed.start(layer, x, expert_ids, capacity)
+        return self.routed.start(layer, x, expert_ids, capacity, lane)
 
     def count(self, layers: list[int], expert_ids: torch.Tensor) -> None:
         """Adds one row to expert_ids[j] of MoE layer layers[j] (for a step routed in native code)."""
@@ -173,6 +178,8 @@ class AttentionActor:
             raise
 
     def _step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
+        if self.router is not None:
+            self.router.micro_batches = batch.micro_batches
         if not batch.seqs:
             if self.router is not None:
                 for _ in range(batch.num_steps):

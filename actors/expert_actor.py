@@ -80,11 +80,17 @@ class ExpertShardActor:
         with self.serving:
             try:
                 while True:
-                    rows, layer = ex.await_dispatch(idle=i == 0)  # a step's first MoE layer comes when it comes
-                    if layer != layers[i]:
-                        raise RuntimeError(f"expert rank {self.shard}: MoE layer {layer} dispatched, {layers[i]} due")
-                    self.rows_served += int(serve_moe_layer(self.layout, self.experts, layer, h, self.dtype,
-                                                            rows - head, self.device, ex))
+                    # A step's first MoE layer comes when it comes; a ping-pong layer's micro-batches, one per
+                    # lane, right behind each other.
+                    rows, layer, micro_batches = ex.await_dispatch(idle=i == 0)
+                    for lane in ex.lanes[:micro_batches]:
+                        if lane is not ex:
+                            rows, layer, _ = lane.await_dispatch()
+                        if layer != layers[i]:
+                            raise RuntimeError(f"expert rank {self.shard}: MoE layer {layer} dispatched, "
+                                               f"{layers[i]} due")
+                        self.rows_served += int(serve_moe_layer(self.layout, self.experts, layer, h, self.dtype,
+                                                                rows - head, self.device, lane))
                     i = (i + 1) % len(layers)
             except Stopped:
                 return self.rows_served - start

@@ -79,6 +79,13 @@ class StepBatch:
     # positions (all in its current chunk); the actor feeds each sampled token back and returns one list of
     # outputs per step.
     num_steps: int = 1
+    # Ping-pong (expert actors on a standing exchange, decode steps of >= PING_PONG_MIN_ROWS rows): 2 when each
+    # MoE layer exchanges its rows as two micro-batches, one's attention computing while the other's experts do;
+    # the same on every rank of the step.
+    micro_batches: int = 1
+
+
+PING_PONG_MIN_ROWS = 8  # decode rows on the busiest attention rank from which a step runs two micro-batches
 
 
 @dataclass

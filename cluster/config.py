@@ -76,6 +76,12 @@ class EngineOptions(BaseModel):
         "group's all_to_all: gloo on CPU, NCCL on GPU), 'shm' (shared memory, every rank on one machine, CPU), "
         "'auto' (shm where it can run, else the collective).",
     )
+    ping_pong: bool = Field(
+        False, description="Decode steps of at least 8 rows (on the busiest attention actor) exchange each MoE "
+        "layer's rows as two micro-batches, one's attention computing while the other's experts do (MegaScale-Infer); "
+        "needs the shared-memory transport. Off by default: on CPUs the attention and expert actors share the cores "
+        "(each phase takes them all), so there is no idle time to fill; docs/benchmarks.md has the numbers.",
+    )
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for Ray to place the actors.")
     max_actor_restarts: int = Field(
         3, ge=0, le=100,

@@ -131,7 +131,7 @@ class LocalExperts:
                 row += n
         return sum(map(sum, counts))
 
-    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0):
+    def start(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int = 0, lane: int | None = None):
         """The routed-experts protocol of the model (see `Router.start`): here the work is done at once."""
         out = self(layer, x, expert_ids)
         return lambda: out

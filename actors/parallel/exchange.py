@@ -26,13 +26,15 @@ class CollectiveExchange:
     def __init__(self, first_expert_rank: int, world_size: int):
         self.first_expert_rank = first_expert_rank
         self.world_size = world_size
+        self.lanes = [self]  # one exchange in flight at a time: no ping-pong micro-batches (`Router`)
 
     def _splits(self, attention_rows: int, expert_rows: int) -> list[int]:
         first = self.first_expert_rank
         return [attention_rows] * first + [expert_rows] * (self.world_size - first)
 
-    def dispatch(self, blocks: torch.Tensor, layer: int = -1) -> None:
-        """Attention side: blocks [R, B, H], one per expert rank, of MoE layer `layer`; returns once sent."""
+    def dispatch(self, blocks: torch.Tensor, layer: int = -1, micro_batches: int = 1) -> None:
+        """Attention side: blocks [R, B, H], one per expert rank, of MoE layer `layer` (of `micro_batches`, each
+        on its lane); returns once sent."""
         h = blocks.shape[-1]
         zeros = [0] * self.world_size
         dist.all_to_all_single(blocks.new_empty(0, h), blocks.reshape(-1, h), zeros, self._splits(0, blocks.shape[1]))

@@ -82,8 +82,14 @@ def make_exchange(transport: str, rank: int, world_size: int, first_expert_rank:
     dist.all_gather_object(peers, mine)
     usable = all(p[0] and p[0] == peers[0][0] for p in peers)
     try:
-        exchange = shm_transport.ShmExchange(peers[0][2], rank, first_expert_rank, world_size, [p[1] for p in peers],
-                                             slot_bytes, timeout_s, spin_s) if usable else collective
+        exchange = collective
+        if usable:
+            lanes = [shm_transport.ShmExchange(peers[0][2], rank, first_expert_rank, world_size,
+                                               [p[1] for p in peers], slot_bytes, timeout_s, spin_s, lane)
+                     for lane in range(shm_transport.LANES)]
+            for lane in lanes:
+                lane.lanes = lanes
+            exchange = lanes[0]
         dist.barrier()  # every rank has mapped the file: its name can go
     finally:
         if path:

@@ -96,6 +96,9 @@ class Router:
         self.header_rows = header_rows(layout, hidden_size, dtype)
         self.exchange: CollectiveExchange = CollectiveExchange(layout.first_expert_rank, layout.world_size)
         self.exchange_seconds = 0.0  # from dispatch to combined results, incl. the expert ranks' compute
+        # Ping-pong: this step's MoE layers each exchange 2 micro-batches, one per lane of the exchange (the same
+        # on every rank, from the engine); a caller that does not split its rows sends an empty second one.
+        self.micro_batches = 1
         self.exchanges = 0
         self.native = native.cpu_kernels() if self.device.type == "cpu" else None
         self.rank_of = (layout.owner - layout.first_expert_rank).cpu()  # [E] expert rank index of each expert
@@ -103,9 +106,15 @@ class Router:
         self.pack_counts = torch.empty(num_ranks * layout.max_local, dtype=torch.long)  # the native packer's scratch
 
     def start(
-        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int, lane: int | None = None
     ) -> Callable[[], torch.Tensor]:
-        """x [N, H] score-scaled rows, expert_ids [N], capacity >= N -> finish() returning outputs [N, H]."""
+        """x [N, H] score-scaled rows, expert_ids [N], capacity >= N -> finish() returning outputs [N, H].
+        lane: which micro-batch of a ping-pong step these rows are (None: all of the layer's rows)."""
+        if lane is None and self.micro_batches > 1:  # the other lanes go empty, right behind this one
+            finishes = [self.start(layer, x, expert_ids, capacity, 0)]
+            finishes += [self.start(layer, x[:0], expert_ids[:0], capacity, k) for k in range(1, self.micro_batches)]
+            return lambda: [finish() for finish in finishes][0]
+        exchange = self.exchange.lanes[lane or 0]
         t0 = time.perf_counter()
         h, num_ranks = self.hidden_size, self.layout.world_size - self.layout.first_expert_rank
         if x.shape[0] > capacity:
@@ -115,12 +124,12 @@ class Router:
         buf, slot = (self._pack_native if native_path else self._pack)(x, expert_ids, capacity)
         # Dispatch returns once the rows are sent; the torch layer path computes the shared expert while the
         # expert ranks work, then `finish` collects the combine.
-        self.exchange.dispatch(buf, layer)
+        exchange.dispatch(buf, layer, self.micro_batches)
         self.exchange_seconds += time.perf_counter() - t0
 
         def finish() -> torch.Tensor:
             t1 = time.perf_counter()
-            back = self.exchange.combine(capacity, x).reshape(num_ranks * capacity, h)  # [R * C, H] dispatch order
+            back = exchange.combine(capacity, x).reshape(num_ranks * capacity, h)  # [R * C, H] dispatch order
             out = back.index_select(0, slot)
             self.exchange_seconds += time.perf_counter() - t1
             self.exchanges += 1

@@ -20,6 +20,9 @@ abort word and wakes every waiter, which then raises too: no survivor waits on a
 blocks larger than a slot go over the collective, and so does their reply; every rank sees the same sizes, so
 all of them take the same path.
 
+Ping-pong micro-batches (`Router.micro_batches`) take two lanes, each with its own counters and slots, so that
+one half's exchange is in flight while the other half's attention computes; the abort word is shared.
+
 Shapes: A attention ranks, R expert ranks, B rows per block, H hidden.
 """
 
@@ -37,7 +40,8 @@ import torch
 from llama4serve.actors.parallel.exchange import CollectiveExchange
 
 POLL_S = 0.05  # futex slice between liveness checks of every rank
-COUNTER_STRIDE = 64  # one cache line per rank: its counter, then (attention ranks) the announced rows and layer
+COUNTER_STRIDE = 64  # one cache line per rank and lane: its counter, then (attention ranks) what it announces
+LANES = 2  # one per micro-batch in flight
 SYS_FUTEX = {"x86_64": 202}.get(platform.machine())
 FUTEX_WAIT, FUTEX_WAKE = 0, 1  # shared (not PRIVATE): the waiters are other processes
 
@@ -97,28 +101,32 @@ class ShmExchange(CollectiveExchange):
     standing = True
 
     def __init__(self, path: str, rank: int, first_expert_rank: int, world_size: int, pids: list[int],
-                 slot_bytes: int, timeout_s: float, spin_s: float = 0.0):
+                 slot_bytes: int, timeout_s: float, spin_s: float = 0.0, lane: int = 0):
+        """Lane `lane` of the group's file; `make_exchange` makes every lane and links them (`lanes`)."""
         super().__init__(first_expert_rank, world_size)
         self.rank, self.pids, self.slot_bytes = rank, pids, slot_bytes
         self.timeout_s, self.spin_s = timeout_s, spin_s
         a, r = first_expert_rank, world_size - first_expert_rank
-        self.header = (world_size + 1) * COUNTER_STRIDE  # the counters, then the abort word
+        self.header = _header_bytes(world_size) + lane * 2 * a * r * slot_bytes  # this lane's dispatch slots
         self.combine_offset = self.header + a * r * slot_bytes
         fd = os.open(path, os.O_RDWR)
         try:
-            self.map = mmap.mmap(fd, self.combine_offset + a * r * slot_bytes)
+            self.map = mmap.mmap(fd, _file_bytes(world_size, first_expert_rank, slot_bytes))
         finally:
             os.close(fd)
         raw = torch.frombuffer(self.map, dtype=torch.uint8)  # the whole file, as bytes
         views: dict[tuple, torch.Tensor] = {}  # slot views by (offset, count, every, rows, H, dtype)
         # Behind a function: the transport's buffer, not tensors the actor holds (`resident.tensor_bytes`).
         self.mapped = lambda: (raw, views)
-        self.counters = [ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE) for i in range(world_size)]
-        self.aborted = ctypes.c_int32.from_buffer(self.map, world_size * COUNTER_STRIDE)  # 1 + the aborting rank
-        # What attention rank a announces with each dispatch: (block rows, MoE layer)
-        self.announced = [(ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE + 4),
-                           ctypes.c_int32.from_buffer(self.map, i * COUNTER_STRIDE + 8)) for i in range(a)]
-        self.pending: tuple[int, int] | None = None  # expert side: an awaited dispatch not yet received
+        def line(lane_: int, i: int, at: int = 0) -> ctypes.c_int32:  # an int32 of rank i's line in lane_
+            return ctypes.c_int32.from_buffer(self.map, (lane_ * world_size + i) * COUNTER_STRIDE + at)
+
+        self.counters = [line(lane, i) for i in range(world_size)]
+        self.aborted = line(LANES, 0)  # 1 + the aborting rank, for every lane
+        # What attention rank a announces with each dispatch: (block rows, MoE layer, micro-batches of the layer)
+        self.announced = [(line(lane, i, 4), line(lane, i, 8), line(lane, i, 12)) for i in range(a)]
+        self.every_counter = [ctypes.addressof(line(k, i)) for k in range(LANES) for i in range(world_size)]
+        self.pending: tuple[int, int, int] | None = None  # expert side: an awaited dispatch not yet received
         self.stopping = False
         self.addresses = [ctypes.addressof(c) for c in self.counters]
         self.via_shm = True  # the path of this MoE layer's exchange, chosen by its dispatch block's size
@@ -171,10 +179,10 @@ class ShmExchange(CollectiveExchange):
                                        f"{want}; the engine's recovery replaces it and re-forms the group"))
 
     def abort(self) -> None:
-        """Marks the group failed and wakes every waiter: they raise, at once."""
+        """Marks the group failed and wakes every waiter, in every lane: they raise, at once."""
         if not self.aborted.value:
             self.aborted.value = self.rank + 1
-        for address in self.addresses:
+        for address in self.every_counter:
             futex_wake(address)
 
     def _abort(self, err: Exception) -> None:
@@ -182,20 +190,21 @@ class ShmExchange(CollectiveExchange):
         raise err
 
     def stop(self) -> None:
-        """From another thread: this rank's wait raises `Stopped` within POLL_S (the group is re-formed)."""
-        self.stopping = True
-        for address in self.addresses:
+        """From another thread: this rank's waits raise `Stopped` within POLL_S (the group is re-formed)."""
+        for lane in self.lanes:
+            lane.stopping = True
+        for address in self.every_counter:
             futex_wake(address)
 
     def _next(self) -> None:
         self.seq = (self.seq + 1) & 0x7FFFFFFF
 
-    def dispatch(self, blocks: torch.Tensor, layer: int = -1) -> None:
+    def dispatch(self, blocks: torch.Tensor, layer: int = -1, micro_batches: int = 1) -> None:
         num_ranks, rows, h = blocks.shape
         self.via_shm = self._fits(rows, h, blocks.dtype)
         self._next()
         words = self.announced[self.rank]
-        words[0].value, words[1].value = rows, layer
+        words[0].value, words[1].value, words[2].value = rows, layer, micro_batches
         if not self.via_shm:  # the doorbell announces it; the blocks go over the collective
             self._post()
             return super().dispatch(blocks)
@@ -214,14 +223,14 @@ class ShmExchange(CollectiveExchange):
         offset = self.combine_offset + self.rank * (self.world_size - a) * self.slot_bytes
         return self._slots(offset, self.world_size - a, 1, rows, h, like.dtype)
 
-    def await_dispatch(self, idle: bool = False) -> tuple[int, int]:
-        """Expert side: waits until every attention rank has dispatched the next MoE layer (`idle`: without a
-        timeout, for a step's first); its (block rows, layer) as announced. `receive` then takes the blocks."""
+    def await_dispatch(self, idle: bool = False) -> tuple[int, int, int]:
+        """Expert side: waits until every attention rank has dispatched the next MoE layer on this lane (`idle`:
+        without a timeout, for a step's first); its (block rows, layer, micro-batches) as announced. `receive`
+        then takes the blocks."""
         self._next()
         for peer in range(self.first_expert_rank):
             self._await(peer, idle)
-        rows, layer = self.announced[0]
-        self.pending = rows.value, layer.value
+        self.pending = tuple(word.value for word in self.announced[0])
         return self.pending
 
     def receive(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -256,20 +265,31 @@ class ShmExchange(CollectiveExchange):
         self._post()
 
     def close(self) -> None:
-        del self.counters, self.aborted, self.announced, self.mapped
-        try:
-            self.map.close()
-        except BufferError:  # a view handed out is still alive; the mapping goes with it
-            pass
+        """Unmaps every lane."""
+        for lane in self.lanes:
+            if hasattr(lane, "mapped"):
+                del lane.counters, lane.aborted, lane.announced, lane.mapped
+                try:
+                    lane.map.close()
+                except BufferError:  # a view handed out is still alive; the mapping goes with it
+                    pass
+
+
+def _header_bytes(world_size: int) -> int:
+    return (LANES * world_size + 1) * COUNTER_STRIDE  # every lane's counters, then the abort word
+
+
+def _file_bytes(world_size: int, first_expert_rank: int, slot_bytes: int) -> int:
+    a, r = first_expert_rank, world_size - first_expert_rank
+    return _header_bytes(world_size) + LANES * 2 * a * r * slot_bytes  # per lane: dispatch slots, combine slots
 
 
 def create_file(world_size: int, first_expert_rank: int, slot_bytes: int) -> str:
     """Rank 0: a new zeroed file in /dev/shm sized for the group; its path."""
-    a, r = first_expert_rank, world_size - first_expert_rank
     path = f"/dev/shm/llama4serve-ep-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, (world_size + 1) * COUNTER_STRIDE + 2 * a * r * slot_bytes)
+        os.ftruncate(fd, _file_bytes(world_size, first_expert_rank, slot_bytes))
     finally:
         os.close(fd)
     return path

@@ -14,6 +14,8 @@ added when they are back.
 from __future__ import annotations
 
 import ctypes
+from functools import partial
+from typing import Callable
 
 import torch
 
@@ -42,6 +44,11 @@ class _Layer(ctypes.Structure):  # DecodeLayer in cpu_kernels.c, field for field
         ("rope", _ptr), ("q_scales", _ptr), ("qk_norm", ctypes.c_int32), ("routed_rows", _ptr),
         ("shared_rows", _ptr),
     ]
+
+
+def _add_experts(x: torch.Tensor, shared: torch.Tensor, finish: Callable[[], torch.Tensor]) -> None:
+    """x += shared + the routed experts' rows, once they are back: the split layer's last part."""
+    x += shared.add_(finish())
 
 
 def _ptr_of(t: torch.Tensor | PanelWeight | None) -> int | None:
@@ -142,19 +149,35 @@ class FusedDecode:
         ints = torch.empty(n + cfg.num_experts + 1, dtype=torch.long)
         chosen = torch.empty(len(self.layers), n, dtype=torch.long)
         x = model.embed[torch.tensor([s.token_ids[0] for s in seqs])].contiguous()  # [B, H], a copy
+        # Ping-pong (split at the router, `routed.micro_batches` 2): rows [0, n/2) and [n/2, n) take turns, so one
+        # half's attention computes while the other half's rows are at the experts. Each row is computed the same
+        # way whatever the other rows are: the outputs are those of one batch.
+        halves = [(0, n // 2), (n // 2, n)] if self.split and getattr(routed, "micro_batches", 1) == 2 else [(0, n)]
+        pending: dict[int, Callable[[], None]] = {}  # by half: adds its last MoE layer's experts to x
+        f32, i64 = 4, 8  # bytes: the per-row arrays are offset to a half's first row
         for i, layer in enumerate(self.layers):
             ctx, offsets, writes = pools[self.kv.pool_of(i)]
-            layer.ctx_slots, layer.ctx_offsets, layer.write_slots = ctx.data_ptr(), offsets.data_ptr(), writes.data_ptr()
-            layer.rope = rope.data_ptr() if cfg.use_rope[i] else None
-            layer.q_scales = q_scales.data_ptr() if q_scales is not None and not cfg.use_rope[i] else None
             split = self.split and bool(layer.router)
-            layer.routed_rows = routed_rows.data_ptr() if split else None
-            layer.shared_rows = shared_rows.data_ptr() if split else None
-            self.lib.decode_layer_f32(ctypes.addressof(layer), ctypes.addressof(self.dims), n, x.data_ptr(),
-                                      scratch.data_ptr(), ints.data_ptr(), chosen[i].data_ptr())
-            if split:  # x += shared + routed experts(routed_rows), as the unsplit layer adds them
-                finish = routed.start(i, routed_rows, chosen[i], n if capacity is None else capacity)
-                x += shared_rows.add_(finish())
+            for lane, (r0, r1) in enumerate(halves):
+                if lane in pending:
+                    pending.pop(lane)()
+                layer.ctx_slots, layer.ctx_offsets = ctx.data_ptr(), offsets.data_ptr() + r0 * i64
+                layer.write_slots = writes.data_ptr() + r0 * i64
+                layer.rope = rope.data_ptr() + r0 * cfg.head_dim * f32 if cfg.use_rope[i] else None
+                layer.q_scales = (q_scales.data_ptr() + r0 * f32 if q_scales is not None and not cfg.use_rope[i]
+                                  else None)
+                layer.routed_rows = routed_rows.data_ptr() + r0 * h * f32 if split else None
+                layer.shared_rows = shared_rows.data_ptr() + r0 * h * f32 if split else None
+                if r1 > r0:
+                    self.lib.decode_layer_f32(ctypes.addressof(layer), ctypes.addressof(self.dims), r1 - r0,
+                                              x.data_ptr() + r0 * h * f32, scratch.data_ptr(), ints.data_ptr(),
+                                              chosen[i].data_ptr() + r0 * i64)
+                if split:  # x += shared + routed experts(routed_rows), as the unsplit layer adds them
+                    finish = routed.start(i, routed_rows[r0:r1], chosen[i][r0:r1], n if capacity is None else capacity,
+                                          lane if len(halves) > 1 else None)
+                    pending[lane] = partial(_add_experts, x[r0:r1], shared_rows[r0:r1], finish)
+        for lane in sorted(pending):
+            pending[lane]()
         if self.moe_layers and not self.split:
             routed.count([i for i in self.moe_layers for _ in range(n)], chosen[self.moe_layers].reshape(-1))
         return rms_norm(x, model.norm, cfg.rms_norm_eps)

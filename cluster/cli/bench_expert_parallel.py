@@ -2,7 +2,8 @@
 
 1. Decode throughput of 1x0 (experts in the attention actor) and 1x2 (two expert actors) at batch 1 and at batch
    --concurrency (32), for each transport of the router (`collective`: gloo all_to_all over loopback; `shm`:
-   shared memory with a futex doorbell), with the ratios against the targets (0.6x at batch 1, 0.75x at 32).
+   shared memory with a futex doorbell; and shm with ping-pong micro-batches, which the batch-1 steps, under 8
+   rows, do not use), with the ratios against the targets (0.6x at batch 1, 0.75x at 32).
 2. The in-step cost per MoE-layer exchange (attention-0's `exchange_stats`: dispatch to combined results,
    including the expert actors' compute and their wait for the step call).
 3. The transport alone: the same blocks (header + capacity rows of H, each way) between actors placed and
@@ -47,14 +48,15 @@ def decode_rounds(model_dir: Path, prompts: list[list[int]], batches: tuple[int,
     """{instance: {batch: [(tokens/s, exchange s, exchanges) per round]}} for 1x0 and 1x2 per transport, all
     instances up at once and measured in turns, round after round: load from other work on a shared machine
     hits every instance alike, and the ratios are taken within a round."""
-    names = {"1x0": (0, "collective"), **{f"1x2 {t}": (2, t) for t in TRANSPORTS}}
+    names = {"1x0": (0, "collective", False), **{f"1x2 {t}": (2, t, False) for t in TRANSPORTS},
+             "1x2 shm ping-pong": (2, "shm", True)}
     runs: dict = {name: {b: [] for b in batches} for name in names}
     with contextlib.ExitStack() as stack:
         llms = {}
-        for name, (experts, transport) in names.items():
+        for name, (experts, transport, ping_pong) in names.items():
             llms[name] = llm = stack.enter_context(LLM(
                 str(model_dir), attention_actors=1, expert_actors=experts, dtype=dtype, max_num_seqs=max(batches),
-                num_scheduler_steps=1, expert_transport=transport))
+                num_scheduler_steps=1, expert_transport=transport, ping_pong=ping_pong))
             got = ray.get(llm.engine.data_plane.attention[0].exchange_name.remote())
             if experts and got != transport:
                 raise SystemExit(f"asked for transport {transport!r}, the instance runs {got!r}")
@@ -99,7 +101,7 @@ def transport_alone(model_dir: Path, batches: tuple[int, ...], dtype: str, exper
 
 def expert_parallel_suite(model_dir: Path, prompts: list[list[int]], args) -> None:
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)  # logical CPUs for 3 actors on 2 cores
+        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)  # logical CPUs: 10 actors on 2 cores
     batches = tuple(sorted({1, len(prompts)}))
     rounds = max(1, args.trials)
     runs = decode_rounds(model_dir, prompts, batches, args.new_tokens, args.dtype, rounds)

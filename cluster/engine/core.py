@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import ray
 
-from llama4serve.actors.step_io import GrammarRef, StepBatch
+from llama4serve.actors.step_io import PING_PONG_MIN_ROWS, GrammarRef, StepBatch
 from llama4serve.cluster.config import EngineConfig
 from llama4serve.cluster.engine.block_manager import BlockManager
 from llama4serve.cluster.engine.data_plane import DataPlane
@@ -176,10 +176,13 @@ class EngineCore:
         steps = [r.scheduler.decode_steps_limit(sch, self.config.num_scheduler_steps) for _, r, sch in stepping]
         if experts:  # every rank runs the same number of steps
             steps = [min(steps)] * len(steps)
+        # Ping-pong micro-batches where the expert actors serve in a standing loop: a decode step with enough rows
+        decoding = all(len(s.token_ids) == 1 for _, _, sch in plans for _, s in sch)
+        micro = 2 if self.config.ping_pong and self.data_plane.loops and decoding and rows >= PING_PONG_MIN_ROWS else 1
         batches = {}
         for (i, r, sch), k in zip(stepping, steps):
             r.scheduler.extend_decode(sch, k)
-            batches[i] = StepBatch([s for _, s in sch], capacity, r.scheduler.take_released(), k)
+            batches[i] = StepBatch([s for _, s in sch], capacity, r.scheduler.take_released(), k, micro)
         refs = self.data_plane.launch(batches, capacity, min(steps))
         return [(r, sch, k) for (_, r, sch), k in zip(stepping, steps)], refs
 

@@ -19,7 +19,8 @@ from collections import deque
 import ray
 
 from llama4serve.cluster.errors import DataPlaneError
-from llama4serve.cluster.engine.data_plane import DataPlane, StepLate
+from llama4serve.cluster.engine.data_plane import DataPlane
+from llama4serve.cluster.engine.step_calls import StepLate
 
 logger = logging.getLogger("llama4serve.recovery")
 

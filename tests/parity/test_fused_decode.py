@@ -30,7 +30,8 @@ def test_fused_decode_matches_torch_path(name, tmp_path):
     """Three sequences of different lengths decode side by side (positions up to 71: several chunk boundaries,
     16 tokens per chunk); at every all-decode step the fused path gives the torch path's hidden states, and each
     row bit for bit what that sequence gives alone. So does the path split at the router (what an attention actor
-    with expert actors runs; here the routed experts are the actor's own, behind the same `start` protocol)."""
+    with expert actors runs; here the routed experts are the actor's own, behind the same `start` protocol), also
+    with ping-pong micro-batches."""
     if native.cpu_kernels() is None:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
     path = write_hf_checkpoint(tmp_path, CONFIGS[name], seed=3)
@@ -40,6 +41,7 @@ def test_fused_decode_matches_torch_path(name, tmp_path):
     assert runner.fused is not None
     split = FusedDecode.create(cfg, runner.model, actor.kv, None, runner.inv_freq)
     assert split.split
+    experts = actor.expert_load.routed  # the actor's LocalExperts
     blocks = BlockManager(64, 32, 8, cfg.attention_chunk_size, bool(cfg.full_layers), bool(cfg.chunked_layers))
     scheduler = Scheduler(blocks, max_num_seqs=3, max_num_batched_tokens=64)
     g = torch.Generator().manual_seed(1)
@@ -65,6 +67,9 @@ def test_fused_decode_matches_torch_path(name, tmp_path):
             split_out = split.forward(batch.seqs, actor.expert_load, capacity=len(batch.seqs) + 2)
             torch.testing.assert_close(split_out, reference, atol=2e-5, rtol=1e-4)
             assert torch.equal(split.forward(batch.seqs[-1:], actor.expert_load)[0], split_out[-1])
+            experts.micro_batches = 2  # ping-pong: the rows in two halves that take turns, the same bits
+            assert torch.equal(split.forward(batch.seqs, actor.expert_load, len(batch.seqs)), split_out)
+            del experts.micro_batches
             decode_steps += 1
         outputs = actor.step(batch)  # the runner takes the fused path for all-decode steps
         for (seq, step), out in zip(scheduled, outputs):

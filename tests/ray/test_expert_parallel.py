@@ -12,6 +12,7 @@ from hf_reference import MAVERICK_LIKE, SCOUT_LIKE, hf_greedy, hf_logprobs, load
 from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts, expert_split
+from llama4serve.actors.step_io import PING_PONG_MIN_ROWS
 from llama4serve.cluster import LLM, SamplingParams
 from llama4serve.cluster.errors import DataPlaneError
 
@@ -48,6 +49,27 @@ def test_outputs_independent_of_topology(ray_session, checkpoint):
         for out, tokens, lp in zip(outs, expected_tokens, expected_lp):
             assert out.token_ids == tokens, f"{a}x{e} {transport}"
             torch.testing.assert_close(torch.tensor(out.prompt_logprobs[1:]), lp, atol=1e-3, rtol=0)
+
+
+def test_ping_pong_micro_batches_give_one_batchs_outputs(ray_session, checkpoint):
+    """10 sequences decoding on one attention actor with ping_pong: from PING_PONG_MIN_ROWS rows a decode step
+    exchanges each MoE layer's rows as two micro-batches, one per lane of the shared-memory exchange. Tokens and
+    logprobs are those of the experts-local instance."""
+    path, _ = checkpoint
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 290, (n,), generator=g).tolist() for n in range(3, 13)]
+    assert len(prompts) >= PING_PONG_MIN_ROWS
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=2)
+    with LLM(path, attention_actors=1, expert_actors=0, dtype="float32") as llm:
+        expected = llm.generate(prompts, params)
+    with LLM(path, attention_actors=1, expert_actors=2, dtype="float32", ping_pong=True) as llm:
+        outs = llm.generate(prompts, params)
+        lanes = ray.get(llm.engine.data_plane.attention[0].__ray_call__.remote(
+            lambda actor: [lane.seq for lane in actor.router.exchange.lanes]))
+    assert len(lanes) == 2 and lanes[1] > 0, lanes  # the second lane carried the other halves
+    for out, ref in zip(outs, expected):
+        assert out.token_ids == ref.token_ids
+        torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
 def test_expert_split_uneven():

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from llama4serve.cluster.config import EngineOptions
-from llama4serve.cluster.engine.data_plane import StepLate
+from llama4serve.cluster.engine.step_calls import StepLate, _Settling
 from llama4serve.cluster.engine.recovery import RestartBudget, dead_actors
 from llama4serve.cluster.errors import DataPlaneError
 
@@ -55,3 +55,25 @@ def test_budget_options_are_validated():
         EngineOptions(max_actor_restarts=-1)
     with pytest.raises(ValueError, match="actor_restart_window_s"):
         EngineOptions(actor_restart_window_s=0)
+
+
+def test_a_standing_loop_is_waited_for_only_after_a_failure():
+    """The expert actors' loops (`ExpertShardActor.serve`) run on after a good step: they are not waited for and
+    count as None. Once a call fails every loop ends, so one still running at the deadline is hung."""
+    calls, loops = ["attention-0", "attention-1"], ["loop-0", "loop-1"]
+    good = _Settling(calls + loops, loops, 30)
+    assert good.waiting()[0] == calls
+    for call in calls:
+        good.record(call, [])
+    assert good.waiting() is None and good.outcomes() == [[], [], None, None]
+    failed = _Settling(calls + loops, loops, 30)
+    failed.record("attention-0", _task_error("PeerFailed: rank 3 died"))
+    assert failed.waiting()[0] == ["attention-1", "loop-0", "loop-1"]
+    assert failed.deadline - time.monotonic() <= 10  # HUNG_GRACE_S after a task error
+    failed.record("loop-0", ray.exceptions.ActorDiedError())
+    failed.deadline = time.monotonic()  # the grace period is over
+    outcomes = failed.outcomes()
+    assert isinstance(outcomes[2], ray.exceptions.ActorDiedError)
+    assert isinstance(outcomes[1], StepLate) and isinstance(outcomes[3], StepLate)
+    assert list(dead_actors(["attention-0", "attention-1", "expert-0", "expert-1"], outcomes)) == [
+        "attention-1", "expert-0", "expert-1"]

@@ -18,7 +18,11 @@ from llama4serve.kernels import native
 class Echo:
     """An exchange whose expert ranks send each block's rows back unchanged."""
 
-    def dispatch(self, blocks: torch.Tensor, layer: int = -1) -> None:
+    @property
+    def lanes(self) -> list:
+        return [self]
+
+    def dispatch(self, blocks: torch.Tensor, layer: int = -1, micro_batches: int = 1) -> None:
         self.blocks = blocks.clone()
 
     def combine(self, rows: int, like: torch.Tensor) -> torch.Tensor:
