@@ -179,7 +179,7 @@ class AttentionActor:
 
     def _step(self, batch: StepBatch) -> list[SeqOutput] | list[list[SeqOutput]]:
         if self.router is not None:
-            self.router.micro_batches = batch.micro_batches
+            self.router.set_micro_batches(batch.micro_batches, batch.moe_capacity)
         if not batch.seqs:
             if self.router is not None:
                 for _ in range(batch.num_steps):

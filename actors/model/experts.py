@@ -13,7 +13,7 @@ from llama4serve.kernels.moe import grouped_swiglu, swiglu
 from llama4serve.actors.model.checkpoint import TEXT_PREFIX, CheckpointReader
 from llama4serve.actors.model.config import ModelConfig
 from llama4serve.actors.model.quantized import load_quant_format, read_experts
-from llama4serve.actors.parallel.router import decode_counts
+from llama4serve.actors.parallel.blocks import decode_counts
 
 
 def expert_split(num_experts: int, num_shards: int) -> list[tuple[int, int]]:

@@ -64,6 +64,11 @@ class CollectiveExchange:
         zeros = [0] * self.world_size
         dist.all_to_all_single(blocks.new_empty(0, h), blocks.reshape(-1, h), zeros, self._splits(blocks.shape[1], 0))
 
+    def fits(self, rows: int, h: int, dtype: torch.dtype) -> bool:
+        """Whether blocks of `rows` rows go through the transport's own slots (shared memory); else the collective
+        carries them, and only one exchange can be in flight (the ranks' collectives must come in one order)."""
+        return False
+
     def abort(self) -> None:
         """After an error on this rank: the peers' waits raise at once (the collective's own timeout does it)."""
 

@@ -16,17 +16,16 @@ C capacity (rows per block).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist  # noqa: F401 - the fake-CUDA tests patch router.dist.all_to_all_single
 
 from llama4serve.kernels import native
 from llama4serve.kernels.grouped_experts import expert_ids_from_counts
+from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.parallel.blocks import decode_counts, encode_counts
 from llama4serve.actors.parallel.exchange import CollectiveExchange
-
-if TYPE_CHECKING:
-    from llama4serve.actors.model.experts import LocalExperts
 
 
 class ExpertLayout:
@@ -60,23 +59,6 @@ def header_rows(layout: ExpertLayout, hidden_size: int, dtype: torch.dtype) -> i
     return -(-4 * layout.max_local // row_bytes)
 
 
-def encode_counts(counts: torch.Tensor, rows: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """int counts [..., M] -> [..., rows, H] of `dtype` whose bytes are the int32 counts (collectives copy
-    bytes)."""
-    lead, m = counts.shape[:-1], counts.shape[-1]
-    row_bytes = hidden_size * torch.empty(0, dtype=dtype).element_size()
-    raw = torch.zeros(*lead, rows * row_bytes, dtype=torch.uint8, device=counts.device)
-    raw[..., : 4 * m] = counts.to(torch.int32).view(torch.uint8)
-    return raw.view(dtype).view(*lead, rows, hidden_size)
-
-
-def decode_counts(header: torch.Tensor, num: int) -> torch.Tensor:
-    """Inverse of encode_counts: [..., rows, H] -> int64 counts [..., num]."""
-    lead = header.shape[:-2]
-    raw = header.contiguous().view(*lead, -1).view(torch.uint8)
-    return raw[..., : 4 * num].view(torch.int32).long()
-
-
 class Router:
     """Routed-experts stage of an attention rank: `start(layer, x, ids)` returns `finish() -> out`.
 
@@ -96,14 +78,21 @@ class Router:
         self.header_rows = header_rows(layout, hidden_size, dtype)
         self.exchange: CollectiveExchange = CollectiveExchange(layout.first_expert_rank, layout.world_size)
         self.exchange_seconds = 0.0  # from dispatch to combined results, incl. the expert ranks' compute
-        # Ping-pong: this step's MoE layers each exchange 2 micro-batches, one per lane of the exchange (the same
-        # on every rank, from the engine); a caller that does not split its rows sends an empty second one.
+        # Ping-pong: this step's MoE layers each exchange 2 micro-batches, one per lane of the exchange
+        # (`set_micro_batches`); a caller that does not split its rows sends an empty second one.
         self.micro_batches = 1
         self.exchanges = 0
         self.native = native.cpu_kernels() if self.device.type == "cpu" else None
         self.rank_of = (layout.owner - layout.first_expert_rank).cpu()  # [E] expert rank index of each expert
         num_ranks = layout.world_size - layout.first_expert_rank
         self.pack_counts = torch.empty(num_ranks * layout.max_local, dtype=torch.long)  # the native packer's scratch
+
+    def set_micro_batches(self, requested: int, capacity: int) -> None:
+        """This step's micro-batches: `requested` (the engine's, the same on every rank) where the exchange has a
+        lane for each and the step's blocks fit its slots, else 1. Every rank decides the same."""
+        ex = self.exchange
+        fits = requested <= len(ex.lanes) and ex.fits(self.header_rows + capacity, self.hidden_size, self.dtype)
+        self.micro_batches = requested if fits else 1
 
     def start(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, capacity: int, lane: int | None = None
@@ -176,7 +165,7 @@ class Router:
             self.start(layer, empty_x, empty_ids, capacity)()
 
 
-def serve_moe_layer(layout: ExpertLayout, experts: "LocalExperts", layer: int, hidden_size: int, dtype,
+def serve_moe_layer(layout: ExpertLayout, experts: LocalExperts, layer: int, hidden_size: int, dtype,
                     capacity: int, device: torch.device | str = "cpu",
                     exchange: CollectiveExchange | None = None) -> torch.Tensor:
     """An expert rank's side of one MoE layer: receive each attention rank's block, run the grouped SwiGLU over

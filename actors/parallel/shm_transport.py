@@ -134,7 +134,7 @@ class ShmExchange(CollectiveExchange):
         self.shm_exchanges = 0  # those that went through shared memory
         self.waits = 0  # waits that found the peer not yet there (and slept or spun)
 
-    def _fits(self, rows: int, h: int, dtype: torch.dtype) -> bool:
+    def fits(self, rows: int, h: int, dtype: torch.dtype) -> bool:
         return rows * h * dtype.itemsize <= self.slot_bytes
 
     def _slots(self, offset: int, count: int, every: int, rows: int, h: int, dtype: torch.dtype) -> torch.Tensor:
@@ -201,7 +201,7 @@ class ShmExchange(CollectiveExchange):
 
     def dispatch(self, blocks: torch.Tensor, layer: int = -1, micro_batches: int = 1) -> None:
         num_ranks, rows, h = blocks.shape
-        self.via_shm = self._fits(rows, h, blocks.dtype)
+        self.via_shm = self.fits(rows, h, blocks.dtype)
         self._next()
         words = self.announced[self.rank]
         words[0].value, words[1].value, words[2].value = rows, layer, micro_batches
@@ -238,7 +238,7 @@ class ShmExchange(CollectiveExchange):
         if self.pending is None:
             self.await_dispatch()
         self.pending = None
-        self.via_shm = self._fits(rows, hidden_size, dtype)
+        self.via_shm = self.fits(rows, hidden_size, dtype)
         if not self.via_shm:
             return super().receive(rows, hidden_size, dtype, device)
         self.shm_exchanges += 1

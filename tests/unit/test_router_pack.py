@@ -10,6 +10,7 @@ import torch
 from llama4serve.actors.model.checkpoint import CheckpointReader
 from llama4serve.actors.model.config import load_model_config
 from llama4serve.actors.model.experts import LocalExperts
+from llama4serve.actors.parallel.exchange import CollectiveExchange
 from llama4serve.actors.parallel.router import ExpertLayout, Router, decode_counts
 from llama4serve.cluster.checkpoints.maker import write_checkpoint
 from llama4serve.kernels import native
@@ -90,3 +91,25 @@ def test_expert_rank_serves_each_counted_row_as_the_torch_path(tmp_path):
     recv[0, 0, 0] = torch.tensor([capacity + 1], dtype=torch.int32).view(torch.float32)  # expert 8's count
     with pytest.raises(ValueError, match="counts more rows than its capacity 6"):
         experts.serve_blocks(layer, recv, head, outs[0])
+
+
+def test_ping_pong_only_where_the_exchange_has_lanes_and_the_blocks_fit():
+    """A block too large for the shared slots goes over the collective, whose calls must come in one order on
+    every rank: such a step runs one micro-batch, as does every step over the collective alone."""
+    router = Router(ExpertLayout([(0, 16)], 1, 2), 8, (0,), torch.float32)  # header: 2 rows of 8 floats
+
+    class TwoLanes:
+        lanes = [None, None]
+
+        @staticmethod
+        def fits(rows: int, h: int, dtype: torch.dtype) -> bool:
+            return rows * h * dtype.itemsize <= 1024
+
+    router.exchange = TwoLanes()
+    router.set_micro_batches(2, 8)  # 10 rows: 320 bytes
+    assert router.micro_batches == 2
+    router.set_micro_batches(2, 64)  # 66 rows: 2112 bytes
+    assert router.micro_batches == 1
+    router.exchange = CollectiveExchange(1, 2)
+    router.set_micro_batches(2, 8)
+    assert router.micro_batches == 1
