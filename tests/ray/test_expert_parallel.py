@@ -72,6 +72,21 @@ def test_ping_pong_micro_batches_give_one_batchs_outputs(ray_session, checkpoint
         torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(ref.logprobs), atol=1e-4, rtol=0)
 
 
+def test_a_new_group_stops_the_running_loops(ray_session, checkpoint):
+    """Re-forming the process group of a healthy instance (what a recovery does for the survivors) stops the
+    expert actors' standing loops, each returning the rows it served, and new loops serve the same tokens."""
+    path, _ = checkpoint
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with LLM(path, attention_actors=1, expert_actors=2, dtype="float32") as llm:
+        before = [out.token_ids for out in llm.generate(_prompts()[:2], params)]
+        data_plane = llm.engine.data_plane
+        old = list(data_plane.loops)
+        assert len(old) == 2
+        data_plane.start_group()
+        assert sum(ray.get(old, timeout=60)) > 0 and data_plane.loops != old
+        assert [out.token_ids for out in llm.generate(_prompts()[:2], params)] == before
+
+
 def test_expert_split_uneven():
     assert expert_split(16, 3) == [(0, 6), (6, 11), (11, 16)]
     assert expert_split(16, 16)[-1] == (15, 16)
