@@ -126,7 +126,7 @@ class ShmExchange(CollectiveExchange):
         # What attention rank a announces with each dispatch: (block rows, MoE layer, micro-batches of the layer)
         self.announced = [(line(lane, i, 4), line(lane, i, 8), line(lane, i, 12)) for i in range(a)]
         self.every_counter = [ctypes.addressof(line(k, i)) for k in range(LANES) for i in range(world_size)]
-        self.pending: tuple[int, int, int] | None = None  # expert side: an awaited dispatch not yet received
+        self.awaited = False  # expert side: the next dispatch was awaited (`await_dispatch`), not yet received
         self.stopping = False
         self.addresses = [ctypes.addressof(c) for c in self.counters]
         self.via_shm = True  # the path of this MoE layer's exchange, chosen by its dispatch block's size
@@ -230,14 +230,14 @@ class ShmExchange(CollectiveExchange):
         self._next()
         for peer in range(self.first_expert_rank):
             self._await(peer, idle)
-        self.pending = tuple(word.value for word in self.announced[0])
-        return self.pending
+        self.awaited = True
+        return tuple(word.value for word in self.announced[0])
 
     def receive(self, rows: int, hidden_size: int, dtype: torch.dtype, device) -> torch.Tensor:
         """[A, rows, H], a view of the shared slots, valid until this rank's reply."""
-        if self.pending is None:
+        if not self.awaited:
             self.await_dispatch()
-        self.pending = None
+        self.awaited = False
         self.via_shm = self.fits(rows, hidden_size, dtype)
         if not self.via_shm:
             return super().receive(rows, hidden_size, dtype, device)

@@ -152,7 +152,7 @@ class FusedDecode:
         # Ping-pong (split at the router, `routed.micro_batches` 2): rows [0, n/2) and [n/2, n) take turns, so one
         # half's attention computes while the other half's rows are at the experts. Each row is computed the same
         # way whatever the other rows are: the outputs are those of one batch.
-        halves = [(0, n // 2), (n // 2, n)] if self.split and getattr(routed, "micro_batches", 1) == 2 else [(0, n)]
+        halves = [(0, n // 2), (n // 2, n)] if self.split and routed.micro_batches == 2 else [(0, n)]
         pending: dict[int, Callable[[], None]] = {}  # by half: adds its last MoE layer's experts to x
         f32, i64 = 4, 8  # bytes: the per-row arrays are offset to a half's first row
         for i, layer in enumerate(self.layers):
