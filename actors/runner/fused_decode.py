@@ -133,8 +133,9 @@ class FusedDecode:
     @torch.inference_mode()
     def forward(self, seqs: list[SeqStep], routed, capacity: int | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, H] of the sequences' tokens. routed: the model's routed experts
-        (an `ExpertLoad`: it counts the rows each expert gets); capacity: the step's MoE capacity (split at the
-        router; default: the rows of this step)."""
+        (an `ExpertLoad`, which counts the rows each expert gets, or plain `LocalExperts`; a `micro_batches` of 2
+        makes the split path ping-pong); capacity: the step's MoE capacity (split at the router; default: the rows
+        of this step)."""
         cfg, model, n, h = self.cfg, self.model, len(seqs), self.cfg.hidden_size
         positions = torch.tensor([s.start_pos for s in seqs])
         rope = torch.view_as_real(rope_freqs_cis(positions, self.inv_freq)).contiguous()  # [B, D/2, 2]
@@ -152,7 +153,7 @@ class FusedDecode:
         # Ping-pong (split at the router, `routed.micro_batches` 2): rows [0, n/2) and [n/2, n) take turns, so one
         # half's attention computes while the other half's rows are at the experts. Each row is computed the same
         # way whatever the other rows are: the outputs are those of one batch.
-        halves = [(0, n // 2), (n // 2, n)] if self.split and routed.micro_batches == 2 else [(0, n)]
+        halves = [(0, n // 2), (n // 2, n)] if self.split and getattr(routed, "micro_batches", 1) == 2 else [(0, n)]
         pending: dict[int, Callable[[], None]] = {}  # by half: adds its last MoE layer's experts to x
         f32, i64 = 4, 8  # bytes: the per-row arrays are offset to a half's first row
         for i, layer in enumerate(self.layers):
